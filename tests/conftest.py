@@ -1,0 +1,23 @@
+"""Test setup: 4 simulated CPU devices so every pmap path runs on more than one device."""
+import os
+
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data():
+  """Path to ../shared/data (real CIFAR-10, MNIST, Fashion-MNIST); skips when absent."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"real datasets not present at {SHARED_DATA} (only on lipnorm dev machines)")
+  return SHARED_DATA
