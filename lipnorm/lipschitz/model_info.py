@@ -1,0 +1,124 @@
+"""What the engine reads off a model: its structure metadata, per-module input shapes,
+its BatchNorm layers, and nested-dict access to variables at a path.
+
+Everything here is generic Flax introspection plus `lipnorm.models.structure`; the
+engine never imports model code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import traverse_util
+
+from lipnorm.models import structure as st
+
+Path = tuple[str, ...]
+BN_MODES = ("eval", "batch_fixed", "batch_coupled")
+
+
+def get_at(tree: Mapping, path: Sequence[str], default: Any = None) -> Any:
+  """`tree[path[0]][path[1]]...`, or `default` when a key is missing."""
+  node = tree
+  for key in path:
+    if not isinstance(node, Mapping) or key not in node:
+      return default
+    node = node[key]
+  return node
+
+
+def structure_of(model: nn.Module) -> Optional[st.Node]:
+  """`model.structure()` when the model provides it, else None."""
+  fn = getattr(model, "structure", None)
+  return fn() if callable(fn) else None
+
+
+def batchnorm_paths(model: nn.Module, variables: Mapping) -> list[Path]:
+  """Paths of BatchNorm layers: Norm nodes of kind "batch" in `structure()`, or (for
+  models without structure) every module path holding `batch_stats`."""
+  node = structure_of(model)
+  if node is not None:
+    return [n.path for n in st.norm_layers(node) if n.kind == "batch"]
+  flat = traverse_util.flatten_dict(dict(variables.get("batch_stats", {})))
+  return sorted({k[:-1] for k in flat})
+
+
+def resolve_bn_mode(model: nn.Module, variables: Mapping, bn_mode: Optional[str]) -> str:
+  """The BatchNorm regime to use. Required (one of BN_MODES) when the model has BN;
+  optional otherwise (then "eval", the only meaningful one: f is per example)."""
+  if bn_mode is not None and bn_mode not in BN_MODES:
+    raise ValueError(f"bn_mode={bn_mode!r}; allowed: {', '.join(map(repr, BN_MODES))}")
+  bn = batchnorm_paths(model, variables)
+  if bn and bn_mode is None:
+    raise ValueError(
+        f"the model has BatchNorm at {['/'.join(p) for p in bn]}, so bn_mode is required: "
+        f"one of {', '.join(map(repr, BN_MODES))} ('eval': running statistics; "
+        "'batch_fixed': this batch's statistics held constant; 'batch_coupled': "
+        "differentiate through the batch statistics)")
+  if not bn:
+    return "eval"
+  return bn_mode
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleCall:
+  """One module call seen while tracing the model on a single example."""
+  path: Path
+  module_type: str
+  in_shape: tuple[int, ...]
+  out_size: int
+  module: Any   # the bound module (read its attributes only)
+
+
+def module_calls(model: nn.Module, variables: Mapping, input_shape: Sequence[int],
+                 dtype=jnp.float32, **apply_kwargs) -> dict[Path, ModuleCall]:
+  """Input shape (of args[0], batch of 1) of every module call, keyed by module path,
+  found with `nn.intercept_methods` under `jax.eval_shape` (no FLOPs are spent).
+  The first call of a path wins. Raises ValueError when the model rejects the shape."""
+  calls: dict[Path, ModuleCall] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and args and hasattr(args[0], "shape"):
+      path = tuple(context.module.path)
+      if path not in calls:
+        size = sum(math.prod(o.shape) for o in jax.tree.leaves(out) if hasattr(o, "shape"))
+        calls[path] = ModuleCall(path, type(context.module).__name__,
+                                 tuple(args[0].shape), size, context.module)
+    return out
+
+  x = jax.ShapeDtypeStruct((1, *tuple(input_shape)), dtype)
+  apply_kwargs = {"train": False, **apply_kwargs}
+  try:
+    with nn.intercept_methods(interceptor):
+      jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables, x)
+  except Exception as e:  # noqa: BLE001  (report any shape failure as a ValueError)
+    raise ValueError(f"input_shape={tuple(input_shape)} (one example, no batch axis) does "
+                     f"not fit the model {type(model).__name__}: {type(e).__name__}: {e}"
+                     ) from e
+  return calls
+
+
+def check_batch(model: nn.Module, variables: Mapping, xs: jax.Array) -> None:
+  """ValueError unless `xs` is a finite batch `[N, ...]` the model accepts."""
+  if not hasattr(xs, "shape") or xs.ndim < 2 or xs.shape[0] < 1:
+    raise ValueError(f"xs must be a batch [N, ...] with N >= 1, got shape "
+                     f"{getattr(xs, 'shape', type(xs).__name__)}")
+  try:
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, xs[:1])
+  except Exception as e:  # noqa: BLE001
+    raise ValueError(f"xs of shape {tuple(xs.shape)} does not fit the model "
+                     f"{type(model).__name__}: {type(e).__name__}: {e}") from e
+  if not isinstance(xs, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(xs))):
+    raise ValueError("xs contains non-finite values (NaN or inf)")
+
+
+def activation_bytes(model: nn.Module, variables: Mapping, input_shape: Sequence[int],
+                     dtype=jnp.float32) -> int:
+  """Rough bytes of one example's forward activations (sum of module output sizes)."""
+  calls = module_calls(model, variables, input_shape, dtype)
+  return sum(c.out_size for c in calls.values()) * jnp.dtype(dtype).itemsize
