@@ -80,7 +80,9 @@ def example_apply(model: nn.Module, mode: str) -> Callable:
   return apply_one
 
 
-def _prepare(model, variables, xs, mode):
+def prepare_variables(model: nn.Module, variables: Mapping, xs: jax.Array, mode: str) -> dict:
+  """The variables `example_apply` needs under `mode`: without the `norm_stats`
+  collection, and with this batch's BN statistics substituted for "batch_fixed"."""
   variables = {k: v for k, v in variables.items() if k != "norm_stats"}
   if mode == "batch_fixed":
     variables = batch_fixed_variables(model, variables, xs)
@@ -113,8 +115,11 @@ def _products(method: str, in_dim: int, out_dim: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("model", "mode", "method", "num_iters", "tol",
                                              "batch_size"))
-def _input_impl(model, variables, xs, keys, *, mode, method, num_iters, tol, batch_size):
-  variables = _prepare(model, variables, xs, mode)
+def _input_impl(model, variables, xs, points, keys, *, mode, method, num_iters, tol,
+                batch_size):
+  """Local constants at `points[i]` (example i's input) where the batch `xs` defines
+  the BN statistics ("batch_fixed") or the rest of the batch ("batch_coupled")."""
+  variables = prepare_variables(model, variables, xs, mode)
   apply_one = example_apply(model, mode)
   shape = xs.shape[1:]
 
@@ -125,7 +130,7 @@ def _input_impl(model, variables, xs, keys, *, mode, method, num_iters, tol, bat
       return ravel_pytree(apply_one(variables, xs, v.reshape(shape), i))[0]
     return spectral_norm_flat(f, x.reshape(-1), method, num_iters=num_iters, tol=tol,
                               key=key)[0]
-  return _map(one, (xs, jnp.arange(xs.shape[0]), keys), batch_size)
+  return _map(one, (points, jnp.arange(xs.shape[0]), keys), batch_size)
 
 
 def input_lipschitz(model: nn.Module, variables: Mapping, xs: jax.Array, *,
@@ -133,7 +138,8 @@ def input_lipschitz(model: nn.Module, variables: Mapping, xs: jax.Array, *,
                     num_iters: int = 100, tol: float = 1e-6, key=None,
                     batch_size: Optional[int] = None,
                     max_jacobian_bytes: int = DEFAULT_MAX_JACOBIAN_BYTES,
-                    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES) -> SpectralNormResult:
+                    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+                    points: Optional[jax.Array] = None) -> SpectralNormResult:
   """Local input Lipschitz constants `||J_x f(x_i)||_2` of every example of `xs`.
 
   Args:
@@ -146,6 +152,9 @@ def input_lipschitz(model: nn.Module, variables: Mapping, xs: jax.Array, *,
     num_iters, tol, key: for the iterative methods (one key per example is split off).
     batch_size: examples processed at once (vmap chunk); default from `max_memory_bytes`
       and a per-example estimate (activations x simultaneous products + Jacobian).
+    points: optional `[N, ...]`: evaluate example i's Jacobian at input `points[i]`
+      instead of `xs[i]`, with `xs` still defining the batch statistics / the rest of
+      the batch (used by `lower_bound_search`).
 
   Returns a `SpectralNormResult` whose fields have a leading axis N (`.value` `[N]`).
   Raises ValueError for a bad shape, method or bn_mode, and non-finite outputs.
@@ -165,7 +174,10 @@ def input_lipschitz(model: nn.Module, variables: Mapping, xs: jax.Array, *,
     act *= n if mode == "batch_coupled" else 1
     per = act * _products(method, in_dim, out_dim) + in_dim * out_dim * xs.dtype.itemsize
     batch_size = _chunk(n, per, max_memory_bytes)
-  res = _input_impl(model, variables, xs, _keys(key, n), mode=mode, method=method,
+  points = xs if points is None else jnp.asarray(points)
+  if points.shape != xs.shape:
+    raise ValueError(f"points shape {points.shape} must equal xs shape {xs.shape}")
+  res = _input_impl(model, variables, xs, points, _keys(key, n), mode=mode, method=method,
                     num_iters=num_iters, tol=float(tol), batch_size=batch_size)
   check_finite(res, "input_lipschitz")
   return res
@@ -217,7 +229,7 @@ def _gram_norm(gram):
                                              "batch_size", "groups"))
 def _param_impl(model, variables, xs, keys, *, mode, method, num_iters, tol, batch_size,
                 groups):
-  variables = _prepare(model, variables, xs, mode)
+  variables = prepare_variables(model, variables, xs, mode)
   apply_one = example_apply(model, mode)
   flat_params = traverse_util.flatten_dict(dict(variables["params"]))
 
