@@ -130,7 +130,8 @@ def test_resume_rejects_a_state_from_another_configuration():
 def test_eval_counts_every_example_exactly_once(process_count):
   ids, labels, counts = [], [], []
   for p in range(process_count):
-    ds = _dataset(eval_batch_size=12 * process_count, devices=4, process_index=p,
+    ds = _dataset(batch_size=12 * process_count, eval_batch_size=12 * process_count,
+                  devices=4, process_index=p,
                   process_count=process_count)
     n = 0
     for b in ds.eval_batches("test"):

@@ -1,7 +1,6 @@
 """The real datasets in ../shared/data (skipped where absent): counts, balance, published
 channel means, image/label alignment, and the pipeline's coverage on them."""
 import functools
-import pathlib
 import tarfile
 
 import numpy as np

@@ -1,7 +1,5 @@
 """Dataset sources: official formats round-trip exactly, errors are clear, digits, TFDS."""
-import gzip
 import io
-import pathlib
 import tarfile
 
 import numpy as np

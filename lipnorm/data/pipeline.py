@@ -64,6 +64,24 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> Optional[i
   return int(value)
 
 
+def check_geometry(batch_size: Any, eval_batch_size: Any, num_local_devices: Any,
+                   process_index: Any, process_count: Any) -> None:
+  """ValueError unless the global batches split evenly over processes and devices."""
+  process_count = _positive_int("process_count", process_count)
+  if (isinstance(process_index, bool) or not isinstance(process_index, (int, np.integer))
+      or not 0 <= process_index < process_count):
+    raise ValueError(f"process_index={process_index!r} must be an int in "
+                     f"[0, {process_count})")
+  num_local_devices = _positive_int("num_local_devices", num_local_devices)
+  shards = process_count * num_local_devices
+  for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+    value = _positive_int(name, value)
+    if value % shards:
+      raise ValueError(
+          f"data.{name}={value} is not divisible by process_count * num_local_devices = "
+          f"{process_count} * {num_local_devices} = {shards}; use a multiple of {shards}")
+
+
 def channel_stats(images: np.ndarray, pixel_max: int) -> tuple[np.ndarray, np.ndarray]:
   """Exact per-channel mean and (population) std of `images / pixel_max`.
 
@@ -100,6 +118,8 @@ class Dataset:
                num_local_devices: int, process_index: int, process_count: int,
                augment: bool, standardize: bool, num_train: Optional[int],
                num_test: Optional[int], prefetch: int = 2, crop_padding: int = 4):
+    check_geometry(batch_size, eval_batch_size, num_local_devices, process_index,
+                   process_count)
     self.seed = int(seed) % (1 << 64)   # SeedSequence needs a non-negative entropy
     self.batch_size = batch_size
     self.eval_batch_size = eval_batch_size
@@ -276,6 +296,16 @@ class _Failure:
     self.exc = exc
 
 
+def _put(out: queue.Queue, item: Any, stop: threading.Event) -> None:
+  """Blocks until `item` is queued or `stop` is set (then drops it)."""
+  while not stop.is_set():
+    try:
+      out.put(item, timeout=0.1)
+      return
+    except queue.Full:
+      continue
+
+
 def _produce(ds: Dataset, epoch: int, step: int, out: queue.Queue,
              stop: threading.Event) -> None:
   """Background producer: batches from (epoch, step) on, until `stop` is set.
@@ -288,18 +318,12 @@ def _produce(ds: Dataset, epoch: int, step: int, out: queue.Queue,
     while not stop.is_set():
       if perm_epoch != epoch:
         perm_epoch, perm = epoch, ds.epoch_permutation(epoch)
-      item: Any = ds.train_batch(epoch, step, perm)
-      while not stop.is_set():
-        try:
-          out.put(item, timeout=0.1)
-          break
-        except queue.Full:
-          continue
+      _put(out, ds.train_batch(epoch, step, perm), stop)
       step += 1
       if step == ds.steps_per_epoch:
         epoch, step = epoch + 1, 0
   except BaseException as e:  # hand the error to the consumer instead of dying silently
-    out.put(_Failure(e))
+    _put(out, _Failure(e), stop)
 
 
 class TrainIterator:
@@ -385,20 +409,10 @@ def get_dataset(data_config: Any, *, seed: int, num_local_devices: int,
     import jax  # only for the process topology; no model code
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  process_count = _positive_int("process_count", process_count)
-  if not (isinstance(process_index, (int, np.integer)) and 0 <= process_index < process_count):
-    raise ValueError(f"process_index={process_index!r} must be an int in "
-                     f"[0, {process_count})")
-  num_local_devices = _positive_int("num_local_devices", num_local_devices)
-  shards = process_count * num_local_devices
-  batch_size = _positive_int("batch_size", _field(data_config, "batch_size", None))
-  eval_batch_size = _positive_int("eval_batch_size",
-                                  _field(data_config, "eval_batch_size", batch_size))
-  for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-    if value % shards:
-      raise ValueError(
-          f"data.{name}={value} is not divisible by process_count * num_local_devices = "
-          f"{process_count} * {num_local_devices} = {shards}; use a multiple of {shards}")
+  batch_size = _field(data_config, "batch_size", None)
+  eval_batch_size = _field(data_config, "eval_batch_size", batch_size)
+  check_geometry(batch_size, eval_batch_size, num_local_devices, process_index,
+                 process_count)  # before any loading
   augment = _field(data_config, "augment", None)
   if augment is None:
     augment = source.augment_by_default
@@ -420,8 +434,9 @@ def get_dataset(data_config: Any, *, seed: int, num_local_devices: int,
       data_dir=str(data_dir) if data_dir else None, num_train=num_train, num_test=num_test,
       digits_test_fraction=float(_field(data_config, "digits_test_fraction", 0.2)))
   splits = load_splits(source_name, request)
-  return Dataset(splits, seed=seed, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                 num_local_devices=num_local_devices, process_index=int(process_index),
-                 process_count=process_count, augment=bool(augment),
+  return Dataset(splits, seed=seed, batch_size=int(batch_size),
+                 eval_batch_size=int(eval_batch_size),
+                 num_local_devices=int(num_local_devices), process_index=int(process_index),
+                 process_count=int(process_count), augment=bool(augment),
                  standardize=bool(standardize), num_train=num_train, num_test=num_test,
                  prefetch=prefetch, crop_padding=crop_padding)

@@ -12,6 +12,7 @@ then copy DIR anywhere (or a gs:// bucket) and pass it as `data_dir`.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import numpy as np
@@ -22,7 +23,6 @@ SUPPORTED = ("cifar10", "cifar100", "fashion_mnist", "mnist", "svhn_cropped")
 
 
 def _default_data_dir() -> str:
-  import os
   return os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
 
 
