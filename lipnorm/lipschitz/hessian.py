@@ -46,6 +46,14 @@ def hvp_fn(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any):
   return flat, hvp, unravel
 
 
+def _shifted_power(hvp, start, num_iters, tol, found, eig):
+  shift = eig.eigenvalues[0]
+  shifted = power_iteration(lambda v: hvp(v) - shift * v, start, num_iters=num_iters,
+                            tol=tol, deflate=found)
+  return shifted.replace(eigenvalues=shifted.eigenvalues + shift,
+                         iterations=shifted.iterations + eig.iterations)
+
+
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k", "method", "num_iters", "tol"))
 def _top_eigs(loss_fn, params, batch, key, *, k, method, num_iters, tol):
   flat, hvp, unravel = hvp_fn(loss_fn, params, batch)
@@ -60,6 +68,10 @@ def _top_eigs(loss_fn, params, batch, key, *, k, method, num_iters, tol):
       found = jnp.stack(vecs) if vecs else None
       start = jax.random.normal(jax.random.fold_in(key, i), flat.shape, flat.dtype)
       eig = power_iteration(hvp, start, num_iters=num_iters, tol=tol, deflate=found)
+      # Power iteration finds the eigenvalue of largest magnitude; when that is negative
+      # the largest one is the dominant eigenvalue of H - theta I (all >= 0), plus theta.
+      eig = jax.lax.cond(eig.eigenvalues[0] < 0, functools.partial(
+          _shifted_power, hvp, start, num_iters, tol, found), lambda e: e, eig)
       vals.append(eig.eigenvalues[0])
       vecs.append(eig.eigenvectors[0])
       res.append(eig.residuals[0])
@@ -83,10 +95,10 @@ def hessian_top_eigenvalues(loss_fn: Callable[[Any, Any], jax.Array], params: An
 
   method "lanczos": the k largest (algebraic) eigenvalues, Lanczos with full
   reorthogonalization; stops when each Ritz residual is <= tol * |lambda| (memory
-  `num_iters x num_params`). method "power": power iteration with deflation, i.e. the k
-  eigenvalues of largest magnitude (the same as the largest when the top of the spectrum
-  dominates the negative end, the usual case for sharpness); stops on relative change
-  <= tol. `loss_fn` is a static argument of a jitted function: pass the same function
+  `num_iters x num_params`). method "power": power iteration with deflation for each of
+  the k, stopping on relative change <= tol; when the dominant eigenvalue theta found is
+  negative it reruns on `H - theta I` so the result is still the largest algebraic one
+  (memory O(num_params), slower convergence). `loss_fn` is a static argument of a jitted function: pass the same function
   object to reuse the compilation. Raises ValueError on bad arguments or a
   non-finite loss.
   """

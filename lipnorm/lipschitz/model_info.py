@@ -64,6 +64,24 @@ def resolve_bn_mode(model: nn.Module, variables: Mapping, bn_mode: Optional[str]
   return bn_mode
 
 
+class StaticModel:
+  """A Flax module as a `jax.jit` static argument. Modules with dict attributes (e.g.
+  `norm_options`) are unhashable; equal modules have equal reprs, so hash that."""
+
+  def __init__(self, model: nn.Module):
+    self.model = model
+
+  def __hash__(self) -> int:
+    try:
+      return hash(self.model)
+    except TypeError:
+      return hash(repr(self.model))
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, StaticModel) and (self.model is other.model
+                                               or self.model == other.model)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModuleCall:
   """One module call seen while tracing the model on a single example."""
