@@ -12,8 +12,9 @@ Layout for `widths=(16, 32, 64)`, `convs_per_stage=2` on an `[N, H, W, C]` input
 Each conv `conv_i` is followed by `norm_i` when i is in the normalized set and then the
 activation. Convs are numbered across stages, so `norm_layers` ("all", the first k, or
 a list) indexes them directly. Downsampling is linear so the bound code can handle it:
-`"avg_pool"` (2x2 window, stride 2, operator norm exactly 1/2 when H, W are even) or
-`"strided_conv"` (the first conv of each later stage has stride 2).
+`"avg_pool"` (2x2 window, stride 2, VALID; operator norm exactly 1/2 when H, W are
+even) or `"strided_conv"` (the first conv of each later stage has stride 2). Convs use
+"SAME" padding.
 """
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ from flax import linen as nn
 
 from lipnorm.models import structure as st
 from lipnorm.models.activations import get_activation
-from lipnorm.models.common import NormLayers, normalized_indices
+from lipnorm.models.common import (ConvNormContext, ConvSpec, NormLayers, conv_norm,
+                                   conv_norm_structure, norm_epsilon, normalized_slots)
 from lipnorm.normalizers import get_normalizer
 
 DOWNSAMPLES = ("avg_pool", "strided_conv")
+_POOL = st.Pool("avg", (2, 2), (2, 2), "VALID")
 
 
 class CNN(nn.Module):
@@ -59,11 +62,8 @@ class CNN(nn.Module):
   kernel_init: Any = nn.initializers.he_normal()
   dtype: Any = jnp.float32
 
-  @property
-  def num_convs(self) -> int:
-    return len(self.widths) * self.convs_per_stage
-
-  def _check(self) -> None:
+  def _layout(self) -> list[tuple[bool, ConvSpec]]:
+    """(avg-pool before it?, spec) for every conv, in forward order."""
     if not self.widths or any(int(w) < 1 for w in self.widths):
       raise ValueError(f"CNN widths={tuple(self.widths)} must be a non-empty list of "
                        "positive channel counts")
@@ -71,25 +71,19 @@ class CNN(nn.Module):
       raise ValueError(f"CNN convs_per_stage={self.convs_per_stage} must be >= 1")
     if self.downsample not in DOWNSAMPLES:
       raise ValueError(f"CNN downsample={self.downsample!r}; allowed: {list(DOWNSAMPLES)}")
-
-  def _normalized(self) -> frozenset[int]:
-    self._check()
-    if self.norm == "none":
-      get_normalizer("none")
-      return frozenset()
-    return normalized_indices(self.norm_layers, self.num_convs)
-
-  def _layout(self):
-    """(conv index, width, stride, pool_before) for every conv, in forward order."""
     out = []
     for s, width in enumerate(self.widths):
       for j in range(self.convs_per_stage):
         i = s * self.convs_per_stage + j
-        first_of_later_stage = s > 0 and j == 0
-        stride = 2 if first_of_later_stage and self.downsample == "strided_conv" else 1
-        pool = first_of_later_stage and self.downsample == "avg_pool"
-        out.append((i, int(width), stride, pool))
+        downsample_here = s > 0 and j == 0
+        stride = 2 if downsample_here and self.downsample == "strided_conv" else 1
+        spec = ConvSpec(f"conv_{i}", f"norm_{i}", int(width), (3, 3), (stride, stride),
+                        "SAME", slot=i)
+        out.append((downsample_here and self.downsample == "avg_pool", spec))
     return out
+
+  def _normalized(self, layout) -> frozenset[int]:
+    return normalized_slots(self.norm, self.norm_layers, len(layout), self.norm_options)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -99,37 +93,29 @@ class CNN(nn.Module):
     overrides that for BN alone."""
     if x.ndim != 4:
       raise ValueError(f"CNN expects NHWC input [N, H, W, C]; got shape {x.shape}")
+    layout = self._layout()
     use_batch = train if use_batch_stats is None else use_batch_stats
-    normalized = self._normalized()
-    norm_factory = get_normalizer(self.norm, **(self.norm_options or {}))
+    ctx = ConvNormContext(self._normalized(layout),
+                          get_normalizer(self.norm, **(self.norm_options or {})),
+                          not use_batch, self.use_bias, self.kernel_init, self.dtype)
     act, _ = get_activation(self.activation)
     h = x.astype(self.dtype)
-    for i, width, stride, pool in self._layout():
+    for pool, spec in layout:
       if pool:
-        h = nn.avg_pool(h, (2, 2), strides=(2, 2), padding="VALID")
-      has_norm = i in normalized
-      h = nn.Conv(width, (3, 3), strides=(stride, stride), padding="SAME",
-                  use_bias=self.use_bias and not has_norm, kernel_init=self.kernel_init,
-                  dtype=self.dtype, name=f"conv_{i}")(h)
-      if has_norm:
-        h = norm_factory(name=f"norm_{i}")(h, use_running_average=not use_batch)
-      h = act(h)
+        h = nn.avg_pool(h, _POOL.window, strides=_POOL.strides, padding=_POOL.padding)
+      h = act(conv_norm(spec, h, ctx))
     h = jnp.mean(h, axis=(1, 2))
     return nn.Dense(self.num_classes, use_bias=self.use_bias, kernel_init=self.kernel_init,
                     dtype=self.dtype, name="head")(h)
 
   def structure(self) -> st.Sequential:
-    normalized = self._normalized()
-    eps = (self.norm_options or {}).get("epsilon", 1e-5)
+    layout = self._layout()
+    normalized = self._normalized(layout)
+    eps = norm_epsilon(self.norm_options)
     _, lip = get_activation(self.activation)
     layers: list[st.Node] = []
-    for i, _, stride, pool in self._layout():
-      if pool:
-        layers.append(st.Pool("avg", (2, 2), (2, 2), "VALID"))
-      layers.append(st.Linear((f"conv_{i}",), "conv", (stride, stride), "SAME", 1))
-      if i in normalized:
-        layers.append(st.Norm((f"norm_{i}",), self.norm, eps))
-      layers.append(st.Activation(self.activation, lip))
-    layers.append(st.Pool("global_avg"))
-    layers.append(st.Linear(("head",), "dense"))
-    return st.seq(*layers)
+    for pool, spec in layout:
+      layers += [_POOL if pool else None,
+                 conv_norm_structure(spec, (), normalized, self.norm, eps),
+                 st.Activation(self.activation, lip)]
+    return st.seq(*layers, st.Pool("global_avg"), st.Linear(("head",), "dense"))
