@@ -39,28 +39,29 @@ def explicit_norms(f, xs) -> np.ndarray:
   return np.linalg.svd(jac, compute_uv=False)[:, 0]
 
 
+def random_variables(model, input_shape, seed=0, dtype=jnp.float32):
+  """Variables of `model` for inputs `[N, *input_shape]` drawn with NumPy (no XLA compile
+  of an init function): kernels He-normal (fan-in), biases N(0, 0.1^2), normalizer
+  gains U(0.5, 1.5), BN running means N(0, 0.5^2) and variances U(0.2, 2)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, *input_shape), dtype))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if path[0].key == "batch_stats":
+      value = rng.normal(0, 0.5, shape) if name == "mean" else rng.uniform(0.2, 2.0, shape)
+    elif name == "kernel":
+      value = rng.normal(0, np.sqrt(2 / np.prod(shape[:-1])), shape)
+    elif name == "scale":
+      value = rng.uniform(0.5, 1.5, shape)
+    else:
+      value = rng.normal(0, 0.1, shape)
+    return jnp.asarray(value, dtype)
+  shapes = {k: v for k, v in shapes.items() if k != "norm_stats"}
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def f64_model(model_fn, name, key=0, input_shape=(6,), **kwargs):
   """(model, float64 variables) for `get_model(name, dtype=float64, **kwargs)`."""
   model = model_fn(name, dtype=jnp.float64, **kwargs)
-  variables = jax.jit(model.init)(jax.random.key(key),
-                                  jnp.zeros((2, *input_shape), jnp.float64))
-  variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
-  variables = {k: v for k, v in variables.items() if k != "norm_stats"}
-  return model, variables
-
-
-def perturb_norms(variables, seed):
-  """Random BN running statistics and normalizer gains (so eval-mode BN is not ~1 and
-  some factors exceed 1)."""
-  rng = np.random.default_rng(seed)
-  out = dict(variables)
-
-  def draw(lo, hi):
-    return lambda path, a: jnp.asarray(rng.uniform(lo, hi, a.shape), a.dtype)
-  if "batch_stats" in variables:
-    out["batch_stats"] = jax.tree_util.tree_map_with_path(
-        lambda p, a: draw(0.2, 2.0)(p, a) if p[-1].key == "var" else
-        draw(-0.5, 0.5)(p, a), variables["batch_stats"])
-  out["params"] = jax.tree_util.tree_map_with_path(
-      lambda p, a: draw(0.5, 1.5)(p, a) if p[-1].key == "scale" else a, variables["params"])
-  return out
+  return model, random_variables(model, input_shape, key, jnp.float64)

@@ -13,7 +13,7 @@ from lipnorm.lipschitz import (input_lipschitz, jacobian_spectral_norm, merge_st
 from lipnorm.models import get_model
 from lipnorm.models import structure as st
 from lipnorm.normalizers import BatchNorm
-from lipschitz_testing import perturb_norms, x64  # noqa: F401
+from lipschitz_testing import random_variables, x64  # noqa: F401
 
 NORMS = [("none", None), ("batch", None), ("layer", None), ("group", {"num_groups": 2}),
          ("rms", None)]
@@ -32,7 +32,7 @@ def test_bound_is_sound_on_random_relu_nets(norm, opts):
   bn = "eval" if norm == "batch" else None
   for seed in range(8):
     xs = 2.0 * jax.random.normal(jax.random.key(100 + seed), (16, 7))
-    v = perturb_norms(model.init(jax.random.key(seed), xs), seed)
+    v = random_variables(model, (7,), seed)
     stats = normalizer_stats(model, v, xs) if norm != "batch" else None
     rep = upper_bound(model, v, input_shape=(7,), stats=stats)
     local = float(jnp.max(input_lipschitz(model, v, xs, bn_mode=bn).value))
@@ -51,7 +51,6 @@ def test_bn_eval_factor_is_exact(x64):
   layer alone, and the bound report's entry)."""
   rng = np.random.default_rng(0)
   bn = BatchNorm()
-  v = bn.init(jax.random.key(0), jnp.zeros((2, 6), jnp.float64), use_running_average=True)
   gamma, var = rng.uniform(-2, 2, 6), rng.uniform(0.01, 3, 6)
   v = {"params": {"scale": jnp.asarray(gamma), "bias": jnp.asarray(rng.normal(size=6))},
        "batch_stats": {"mean": jnp.asarray(rng.normal(size=6)), "var": jnp.asarray(var)}}
@@ -60,7 +59,7 @@ def test_bn_eval_factor_is_exact(x64):
                                jnp.asarray(rng.normal(size=6)))
   np.testing.assert_allclose(float(lip.value), expected, rtol=1e-12)
   model = get_model("relu_net", depth=2, width=6, num_classes=3, norm="batch")
-  mv = model.init(jax.random.key(0), jnp.zeros((2, 4)))
+  mv = random_variables(model, (4,))
   mv = {**mv, "params": {**mv["params"], "norm_0": v["params"]},
         "batch_stats": {"norm_0": v["batch_stats"]}}
   entry = [e for e in upper_bound(model, mv, input_shape=(4,)).entries if e.path == ("norm_0",)]
@@ -70,7 +69,7 @@ def test_bn_eval_factor_is_exact(x64):
 def test_batch_modes_and_missing_stats():
   model = get_model("relu_net", depth=3, width=8, num_classes=3, norm="batch")
   xs = jax.random.normal(jax.random.key(0), (12, 5))
-  v = perturb_norms(model.init(jax.random.key(1), xs), 1)
+  v = random_variables(model, (5,), 1)
   coupled = upper_bound(model, v, input_shape=(5,), bn_mode="batch_coupled")
   assert not coupled.sound and coupled.normalized_bound == math.inf
   assert any("no sound bound" in r for r in coupled.reasons)
@@ -83,7 +82,7 @@ def test_batch_modes_and_missing_stats():
   assert fixed.sound and fixed.scope == "batch"
   assert float(jnp.max(local)) <= fixed.normalized_bound * (1 + 1e-5)
   ln = get_model("relu_net", depth=3, width=8, num_classes=3, norm="layer")
-  lv = ln.init(jax.random.key(0), xs)
+  lv = random_variables(ln, (5,))
   rep = upper_bound(ln, lv, input_shape=(5,))
   assert not rep.sound and any("normalizer_stats" in r for r in rep.reasons)
   # the per-layer numbers are still all there
@@ -93,6 +92,32 @@ def test_batch_modes_and_missing_stats():
     upper_bound(model, v, input_shape=(5,), bn_mode="train")
   with pytest.raises(ValueError, match=r"input_shape=\(6,\)"):
     upper_bound(model, v, input_shape=(6,))
+
+
+CONV_NETS = [("cnn", dict(widths=(4, 8), convs_per_stage=2), (8, 8, 3)),
+             ("cnn", dict(widths=(4, 8), convs_per_stage=1, downsample="strided_conv"),
+              (8, 8, 3)),
+             ("resnet18", dict(stage_sizes=(1, 1), width=4), (8, 8, 3)),
+             ("resnet50", dict(stage_sizes=(1,), width=2, stem="imagenet"), (12, 12, 3))]
+
+
+@pytest.mark.parametrize("name,kwargs,shape", CONV_NETS)
+@pytest.mark.parametrize("norm", ["none", "batch", "layer"])
+def test_bound_is_sound_on_random_conv_nets(name, kwargs, shape, norm):
+  """CNN (avg-pool and strided), ResNet (identity and projection shortcuts, CIFAR and
+  ImageNet stems with the overlapping max pool): eval mode, 4 seeds."""
+  model = get_model(name, norm=norm, num_classes=5, **kwargs)
+  bn = "eval" if norm == "batch" else None
+  xs = 2.0 * jax.random.normal(jax.random.key(0), (6, *shape))
+  for seed in range(4):
+    v = random_variables(model, shape, seed)
+    stats = normalizer_stats(model, v, xs) if norm == "layer" else None
+    rep = upper_bound(model, v, input_shape=shape, stats=stats)
+    local = float(jnp.max(input_lipschitz(model, v, xs, bn_mode=bn).value))
+    assert rep.sound and local <= rep.normalized_bound * (1 + 1e-5), (seed, rep.table())
+    assert all(e.upper >= e.estimate * (1 - 1e-6) for e in rep.entries)
+    if name == "resnet50":
+      assert any(e.kind == "pool:max" and e.upper == 2.0 for e in rep.entries)
 
 
 class ResMLP(nn.Module):
@@ -123,7 +148,7 @@ def test_residual_composition(projection):
   model = ResMLP(projection=projection)
   xs = jax.random.normal(jax.random.key(0), (32, 4))
   for seed in range(5):
-    v = model.init(jax.random.key(seed), xs)
+    v = random_variables(model, (4,), seed)
     p = v["params"]
     shortcut = _svd(p["proj"]["kernel"]) if projection else 1.0
     expected = _svd(p["inp"]["kernel"]) * (
@@ -136,7 +161,7 @@ def test_residual_composition(projection):
 
 def test_unbounded_block_reports_inf_and_inner_layers():
   model = ResMLP(gated=True)
-  v = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+  v = random_variables(model, (4,))
   rep = upper_bound(model, v, input_shape=(4,))
   assert rep.normalized_bound == math.inf and rep.product_bound == math.inf
   assert not rep.sound and rep.scope == "none"
@@ -148,7 +173,7 @@ def test_unbounded_block_reports_inf_and_inner_layers():
 def test_merge_stats_takes_the_minimum():
   model = get_model("relu_net", depth=3, width=8, num_classes=3, norm="layer")
   xs = jax.random.normal(jax.random.key(0), (8, 5))
-  v = model.init(jax.random.key(0), xs)
+  v = random_variables(model, (5,))
   a, b = normalizer_stats(model, v, xs[:4]), normalizer_stats(model, v, xs[4:])
   both = normalizer_stats(model, v, xs, batch_size=3)
   merged = merge_stats(a, b)

@@ -9,7 +9,7 @@ from jax.flatten_util import ravel_pytree
 
 from lipnorm.lipschitz import input_lipschitz, param_groups, param_lipschitz
 from lipnorm.models import get_model
-from lipschitz_testing import explicit_norms, f64_model, perturb_norms, x64  # noqa: F401
+from lipschitz_testing import explicit_norms, f64_model, random_variables, x64  # noqa: F401
 
 # (norm, norm_options, bn_mode): every normalizer a dense net can carry non-trivially
 # (instance norm on [N, D] normalizes single features: a constant map; see the CNN tests)
@@ -19,9 +19,8 @@ CONFIGS = [("none", None, None), ("layer", None, None), ("group", {"num_groups":
 
 
 def _net(norm, opts, seed=0, depth=4, **kw):
-  model, v = f64_model(get_model, "relu_net", key=seed, input_shape=(6,), depth=depth,
-                       width=8, num_classes=5, norm=norm, norm_options=opts, **kw)
-  return model, perturb_norms(v, seed)
+  return f64_model(get_model, "relu_net", key=seed, input_shape=(6,), depth=depth, width=8,
+                   num_classes=5, norm=norm, norm_options=opts, **kw)
 
 
 def _reference_fn(model, v, xs, bn_mode):
@@ -157,14 +156,14 @@ def test_permutation_construction_gives_a_to_the_L(x64, a, depth):
 def test_auto_uses_reverse_mode_for_cifar_input():
   model = get_model("relu_net", depth=2, width=8, num_classes=10)
   xs = jnp.ones((2, 32, 32, 3))
-  v = model.init(jax.random.key(0), xs)
+  v = random_variables(model, (32, 32, 3))
   assert input_lipschitz(model, v, xs).method == "jacrev"
 
 
 def test_bad_input():
   model = get_model("relu_net", depth=3, width=8, num_classes=3, norm="batch")
   xs = jax.random.normal(jax.random.key(0), (4, 6))
-  v = model.init(jax.random.key(0), xs)
+  v = random_variables(model, (6,))
   with pytest.raises(ValueError, match="bn_mode is required.*'eval', 'batch_fixed', "
                                        "'batch_coupled'"):
     input_lipschitz(model, v, xs)
@@ -180,3 +179,32 @@ def test_bad_input():
     input_lipschitz(model, bad, xs, bn_mode="eval")
   with pytest.raises(ValueError, match="method='svd'"):
     input_lipschitz(model, v, xs, bn_mode="eval", method="svd")
+
+
+CNN_NORMS = [("none", None, None, False), ("batch", None, "eval", False),
+             ("batch", None, "batch_coupled", True), ("layer", None, None, True),
+             ("group", {"num_groups": 2}, None, False), ("instance", None, None, False),
+             ("rms", None, None, False)]
+
+
+@pytest.mark.parametrize("norm,opts,bn_mode,iterative", CNN_NORMS)
+def test_cnn_input_lipschitz_matches_explicit_svd(x64, norm, opts, bn_mode, iterative):
+  model, v = f64_model(get_model, "cnn", key=2, input_shape=(6, 6, 2), widths=(4, 4),
+                       convs_per_stage=1, num_classes=3, norm=norm, norm_options=opts,
+                       downsample="strided_conv")
+  xs = jax.random.normal(jax.random.key(5), (3, 6, 6, 2), jnp.float64)
+  ref = explicit_norms(_reference_fn(model, v, xs, bn_mode), xs)
+  exact = input_lipschitz(model, v, xs, bn_mode=bn_mode)
+  assert exact.method == "jacrev"
+  np.testing.assert_allclose(np.asarray(exact.value), ref, rtol=1e-6)
+  if iterative:
+    it = input_lipschitz(model, v, xs, bn_mode=bn_mode, method="lanczos", tol=1e-10)
+    np.testing.assert_allclose(np.asarray(it.value), ref, rtol=1e-8)
+
+
+def test_auto_never_uses_forward_mode_for_a_cifar_resnet():
+  model = get_model("resnet18", stage_sizes=(1,), width=4, num_classes=10)
+  xs = jnp.ones((1, 32, 32, 3))
+  v = random_variables(model, (32, 32, 3))
+  res = input_lipschitz(model, v, xs, bn_mode="eval")
+  assert res.method == "jacrev" and res.value.shape == (1,)

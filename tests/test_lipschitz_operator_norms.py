@@ -13,6 +13,7 @@ from lipnorm.lipschitz import (conv_operator_norm, dense_operator_norm,
 from lipnorm.lipschitz.operator_norms import ConvGeometry, circulant_bound, patch_bound
 from lipnorm.models import get_model
 from lipnorm.models import structure as st
+from lipschitz_testing import random_variables
 
 
 def _explicit_conv(kernel, in_shape, **conv_kw):
@@ -126,7 +127,7 @@ def test_pool_norms():
 
 def test_layer_operator_norms_of_relu_net():
   model = get_model("relu_net", depth=3, width=8, num_classes=4)
-  v = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
+  v = random_variables(model, (4, 4, 2))
   norms = layer_operator_norms(model, v, input_shape=(4, 4, 2))
   assert list(norms) == [("dense_0",), ("dense_1",), ("dense_2",)]
   for path, op in norms.items():

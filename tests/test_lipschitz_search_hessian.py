@@ -9,14 +9,14 @@ from jax.flatten_util import ravel_pytree
 from lipnorm.lipschitz import (hessian_top_eigenvalues, input_lipschitz, lower_bound_search,
                                merge_stats, normalizer_stats, upper_bound)
 from lipnorm.models import get_model
-from lipschitz_testing import explicit_norms, f64_model, x64  # noqa: F401
+from lipschitz_testing import f64_model, random_variables, x64  # noqa: F401
 
 
 @pytest.mark.parametrize("norm,gradient", [("none", "smoothed"), ("layer", "autodiff")])
 def test_search_is_a_valid_sound_lower_bound(norm, gradient):
   model = get_model("relu_net", depth=3, width=12, num_classes=4, norm=norm)
   xs = jax.random.normal(jax.random.key(0), (6, 5))
-  v = model.init(jax.random.key(1), xs)
+  v = random_variables(model, (5,), 1)
   res = lower_bound_search(model, v, xs, steps=15, gradient=gradient, learning_rate=0.05)
   # never below the start; history non-decreasing; value is the exact local constant at
   # the returned input (hence a lower bound of the global constant)
@@ -35,7 +35,7 @@ def test_search_improves_and_respects_constraints():
   ascent), and the ball / box constraints hold."""
   model = get_model("relu_net", depth=4, width=16, num_classes=10)
   xs = jax.random.normal(jax.random.key(1), (8, 10))
-  v = model.init(jax.random.key(0), xs)
+  v = random_variables(model, (10,))
   res = lower_bound_search(model, v, xs, steps=30, learning_rate=0.05, radius=1.0,
                            box=(-2.5, 2.5))
   assert float(res.value) > float(jnp.max(res.initial))

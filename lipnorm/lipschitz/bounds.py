@@ -289,12 +289,11 @@ class _Composer:
                f"Lip(shortcut) + Lip(branch) = {sn:.4g} + {bn:.4g}", shape)
       return sp + bp, sn + bn, se + be, out_shape
     if isinstance(node, st.Unbounded):
-      out_shape = shape
-      if node.inner is not None:
-        _, _, _, out_shape = self.walk(node.inner, shape)
+      if node.inner is not None:   # per-layer numbers only; gating keeps the input shape
+        self.walk(node.inner, shape)
       self.reasons.append(f"{'/'.join(node.path) or 'block'}: {node.reason}")
       self.add(node.path, "unbounded", INF, INF, INF, False, node.reason, shape)
-      return INF, INF, INF, out_shape
+      return INF, INF, INF, shape
     raise ValueError(f"unknown structure node {node!r}")
 
   def _out_shape(self, node: st.Linear, call, op: OperatorNorm) -> tuple:
