@@ -307,7 +307,7 @@ class _Composer:
 
 def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
                 stats: Optional[Mapping] = None, bn_mode: str = "eval",
-                estimate_convs: bool = True, tol: float = 1e-6, num_iters: int = 1000,
+                estimate_convs: bool = True, tol: float = 1e-6, num_iters: int = 100,
                 exact_max_dim: int = DEFAULT_EXACT_MAX_DIM, key=None) -> BoundReport:
   """The bound report of `model` for one example of shape `input_shape` (no batch axis).
 
@@ -317,7 +317,7 @@ def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
     bn_mode: "eval" (default), "batch_fixed" or "batch_coupled" (module docstring).
     estimate_convs, tol, num_iters, exact_max_dim, key: for conv / avg-pool operator
       norms (`operator_norms.conv_operator_norm`); the certified `upper` never depends
-      on the power iteration.
+      on the Lanczos estimate.
   """
   if bn_mode not in model_info.BN_MODES:
     raise ValueError(f"bn_mode={bn_mode!r}; allowed: {', '.join(model_info.BN_MODES)}")

@@ -164,14 +164,11 @@ def input_lipschitz(model: nn.Module, variables: Mapping, xs: jax.Array, *,
   check_iterative_args(num_iters, tol)
   mode = model_info.resolve_bn_mode(model, variables, bn_mode)
   xs = jnp.asarray(xs)
-  model_info.check_batch(model, variables, xs)
+  out_dim, act = model_info.check_batch(model, variables, xs)
   n = xs.shape[0]
   in_dim = math.prod(xs.shape[1:])
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, xs[:1])
-  out_dim = sum(math.prod(o.shape) for o in jax.tree.leaves(out))
   method = resolve_method(method, in_dim, out_dim, xs.dtype.itemsize, max_jacobian_bytes)
   if batch_size is None:
-    act = model_info.activation_bytes(model, variables, xs.shape[1:], xs.dtype)
     act *= n if mode == "batch_coupled" else 1
     per = act * _products(method, in_dim, out_dim) + in_dim * out_dim * xs.dtype.itemsize
     batch_size = _chunk(n, per, max_memory_bytes)
@@ -290,18 +287,15 @@ def param_lipschitz(model: nn.Module, variables: Mapping, xs: jax.Array, *,
   check_iterative_args(num_iters, tol)
   mode = model_info.resolve_bn_mode(model, variables, bn_mode)
   xs = jnp.asarray(xs)
-  model_info.check_batch(model, variables, xs)
   if "params" not in variables:
     raise ValueError(f"variables has no 'params' collection (keys: {sorted(variables)})")
+  out_dim, act = model_info.check_batch(model, variables, xs)
   n = xs.shape[0]
   num_params = sum(p.size for p in jax.tree.leaves(variables["params"]))
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, xs[:1])
-  out_dim = sum(math.prod(o.shape) for o in jax.tree.leaves(out))
   itemsize = jax.tree.leaves(variables["params"])[0].dtype.itemsize
   method = resolve_method(method, num_params, out_dim, itemsize, max_jacobian_bytes)
   groups = tuple(param_groups(model, variables["params"]).items()) if per_layer else ()
   if batch_size is None:
-    act = model_info.activation_bytes(model, variables, xs.shape[1:], xs.dtype)
     act *= n if mode == "batch_coupled" else 1
     per = act * _products(method, num_params, out_dim) + num_params * out_dim * itemsize
     batch_size = _chunk(n, per, max_memory_bytes)

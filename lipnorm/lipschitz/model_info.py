@@ -121,22 +121,44 @@ def module_calls(model: nn.Module, variables: Mapping, input_shape: Sequence[int
   return calls
 
 
-def check_batch(model: nn.Module, variables: Mapping, xs: jax.Array) -> None:
-  """ValueError unless `xs` is a finite batch `[N, ...]` the model accepts."""
+def _signature(variables: Mapping) -> tuple:
+  flat = traverse_util.flatten_dict(dict(variables))
+  return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in flat.items()))
+
+
+_SHAPE_CACHE: dict = {}
+
+
+def example_sizes(model: nn.Module, variables: Mapping, example_shape: Sequence[int],
+                  dtype=jnp.float32) -> tuple[int, int]:
+  """(output size, rough forward-activation bytes) of one example, traced once per
+  (model, variable shapes, example shape, dtype) and cached: repeated calls in a
+  training loop do not re-trace the model. Raises ValueError when the shape does not
+  fit the model."""
+  key = (StaticModel(model), _signature(variables), tuple(example_shape), str(dtype))
+  if key not in _SHAPE_CACHE:
+    calls = module_calls(model, variables, example_shape, dtype)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
+                         jax.ShapeDtypeStruct((1, *example_shape), dtype))
+    out_size = sum(math.prod(o.shape) for o in jax.tree.leaves(out))
+    act = sum(c.out_size for c in calls.values()) * jnp.dtype(dtype).itemsize
+    if len(_SHAPE_CACHE) > 256:
+      _SHAPE_CACHE.clear()
+    _SHAPE_CACHE[key] = (out_size, act)
+  return _SHAPE_CACHE[key]
+
+
+def check_batch(model: nn.Module, variables: Mapping, xs: jax.Array) -> tuple[int, int]:
+  """ValueError unless `xs` is a finite batch `[N, ...]` the model accepts; returns
+  `example_sizes` (output size, activation bytes of one example)."""
   if not hasattr(xs, "shape") or xs.ndim < 2 or xs.shape[0] < 1:
     raise ValueError(f"xs must be a batch [N, ...] with N >= 1, got shape "
                      f"{getattr(xs, 'shape', type(xs).__name__)}")
   try:
-    jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, xs[:1])
-  except Exception as e:  # noqa: BLE001
+    sizes = example_sizes(model, variables, xs.shape[1:], xs.dtype)
+  except ValueError as e:
     raise ValueError(f"xs of shape {tuple(xs.shape)} does not fit the model "
-                     f"{type(model).__name__}: {type(e).__name__}: {e}") from e
+                     f"{type(model).__name__}: {e}") from e
   if not isinstance(xs, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(xs))):
     raise ValueError("xs contains non-finite values (NaN or inf)")
-
-
-def activation_bytes(model: nn.Module, variables: Mapping, input_shape: Sequence[int],
-                     dtype=jnp.float32) -> int:
-  """Rough bytes of one example's forward activations (sum of module output sizes)."""
-  calls = module_calls(model, variables, input_shape, dtype)
-  return sum(c.out_size for c in calls.values()) * jnp.dtype(dtype).itemsize
+  return sizes
