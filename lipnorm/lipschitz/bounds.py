@@ -308,14 +308,14 @@ class _Composer:
 def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
                 stats: Optional[Mapping] = None, bn_mode: str = "eval",
                 estimate_convs: bool = True, tol: float = 1e-6, num_iters: int = 100,
-                exact_max_dim: int = DEFAULT_EXACT_MAX_DIM, key=None) -> BoundReport:
+                exact_max_dim: int = DEFAULT_EXACT_MAX_DIM, seed: int = 0) -> BoundReport:
   """The bound report of `model` for one example of shape `input_shape` (no batch axis).
 
   Args:
     stats: `normalizer_stats(...)` output (min input variances) for LN/GN/IN/RMS and
       for BN in "batch_fixed"; merge several with `merge_stats`.
     bn_mode: "eval" (default), "batch_fixed" or "batch_coupled" (module docstring).
-    estimate_convs, tol, num_iters, exact_max_dim, key: for conv / avg-pool operator
+    estimate_convs, tol, num_iters, exact_max_dim, seed: for conv / avg-pool operator
       norms (`operator_norms.conv_operator_norm`); the certified `upper` never depends
       on the Lanczos estimate.
   """
@@ -328,7 +328,7 @@ def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
   calls = model_info.module_calls(model, variables, input_shape)
   comp = _Composer(variables, calls, bn_mode, stats,
                    dict(estimate=estimate_convs, tol=tol, num_iters=num_iters,
-                        exact_max_dim=exact_max_dim, key=key))
+                        exact_max_dim=exact_max_dim, seed=seed))
   prod, norm, est, _ = comp.walk(node, input_shape)
   sound = math.isfinite(norm)
   if sound:
