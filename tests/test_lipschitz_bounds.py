@@ -10,9 +10,10 @@ from flax import linen as nn
 
 from lipnorm.lipschitz import (input_lipschitz, jacobian_spectral_norm, merge_stats,
                                normalizer_stats, upper_bound)
+from lipnorm.lipschitz.bounds import normalizer_factor
 from lipnorm.models import get_model
 from lipnorm.models import structure as st
-from lipnorm.normalizers import BatchNorm
+from lipnorm.normalizers import BatchNorm, lipschitz_factor
 from lipschitz_testing import fast_compiles, random_variables, x64  # noqa: F401
 
 NORMS = [("none", None), ("batch", None), ("layer", None), ("group", {"num_groups": 2}),
@@ -64,6 +65,11 @@ def test_bn_eval_factor_is_exact(x64):
         "batch_stats": {"norm_0": v["batch_stats"]}}
   entry = [e for e in upper_bound(model, mv, input_shape=(4,)).entries if e.path == ("norm_0",)]
   np.testing.assert_allclose(entry[0].upper, expected, rtol=1e-8)
+  # the float64 factor of the bound code is the normalizers' lipschitz_factor
+  for scale, sigma2 in ((gamma, var), (gamma, 0.3), (None, var)):
+    np.testing.assert_allclose(normalizer_factor(scale, sigma2, 1e-5),
+                               float(lipschitz_factor(scale, jnp.asarray(sigma2), 1e-5)),
+                               rtol=1e-12)
 
 
 def test_batch_modes_and_missing_stats():

@@ -149,6 +149,19 @@ def merge_stats(*stats: Mapping[Path, np.ndarray]) -> dict[Path, np.ndarray]:
 
 # ----------------------------------------------------------------------------- factors
 
+def normalizer_factor(scale, sigma2, epsilon: float) -> float:
+  """`lipnorm.normalizers.lipschitz_factor` evaluated in float64 NumPy (bounds must not
+  lose digits to float32): `max_j |gamma_j| / sqrt(sigma2_j + eps)` for per-channel
+  `sigma2` (BN), else `max|gamma| / sqrt(min sigma2 + eps)`; `scale=None`: gamma = 1."""
+  sigma2 = np.asarray(sigma2, np.float64)
+  if scale is None:
+    return float(np.max(1.0 / np.sqrt(sigma2 + epsilon)))
+  scale = np.abs(np.asarray(scale, np.float64))
+  if sigma2.shape == scale.shape:
+    return float(np.max(scale / np.sqrt(sigma2 + epsilon)))
+  return float(np.max(scale) / np.sqrt(np.min(sigma2) + epsilon))
+
+
 def _norm_factor(node: st.Norm, variables: Mapping, bn_mode: str,
                  stats: Optional[Mapping]) -> tuple[float, bool, str, Optional[str]]:
   """(factor, exact, notes, scope-or-None-if-unbounded) of one normalizer."""
@@ -156,17 +169,9 @@ def _norm_factor(node: st.Norm, variables: Mapping, bn_mode: str,
   if node.kind == "none":
     return 1.0, True, "identity", "global"
   params = model_info.get_at(variables.get("params", {}), node.path) or {}
-  scale = params.get("scale")
-  scale = None if scale is None else np.abs(np.asarray(scale, np.float64))
-  eps = node.epsilon
 
   def factor(sigma2):
-    sigma2 = np.asarray(sigma2, np.float64)
-    if scale is None:
-      return float(np.max(1.0 / np.sqrt(sigma2 + eps)))
-    if sigma2.shape == scale.shape:
-      return float(np.max(scale / np.sqrt(sigma2 + eps)))
-    return float(np.max(scale) / np.sqrt(np.min(sigma2) + eps))
+    return normalizer_factor(params.get("scale"), sigma2, node.epsilon)
 
   if node.kind == "batch":
     if bn_mode == "eval":
