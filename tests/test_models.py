@@ -79,6 +79,7 @@ def test_model_x_normalizer(name, norm):
   # Eager init: its random draws are compiled once per kernel shape and reused across
   # normalizers; the rest is one compile.
   variables = model.init(jax.random.key(0), x)
+  assert set(variables) == ({"params", "batch_stats"} if norm == "batch" else {"params"})
 
   @jax.jit
   def run(variables, x):
