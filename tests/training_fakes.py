@@ -11,6 +11,8 @@ import types
 
 import numpy as np
 
+from lipnorm.training import base_config
+
 
 class _Iterator:
   def __init__(self, ds, state):
@@ -89,3 +91,20 @@ def fake_dataset_fn(**overrides):
   def fn(data_config, **kwargs):
     return FakeDataset(data_config, **kwargs, **overrides)
   return fn
+
+
+def tiny_config(**changes):
+  """A 3-layer width-16 BN net on FakeDataset, 8 steps; `changes` maps dotted keys to values."""
+  c = base_config()
+  c.model.depth, c.model.width, c.model.norm = 3, 16, "batch"
+  c.bn_stats = "per_device"
+  c.data.batch_size, c.data.eval_batch_size = 12, 8    # 64 examples: 5 batches per epoch
+  c.num_train_steps = 8
+  c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 4, 8, 4
+  for key, value in changes.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c

@@ -69,8 +69,9 @@ class Checkpointer:
 def load_checkpoint(workdir: str, step: Optional[int] = None) -> dict:
   """Reads a run's checkpoint without a target structure (for analysis and notebooks).
 
-  Returns `{"step": int, "state": {"params", "batch_stats", "opt_state", "step", "rng"}}`
-  with numpy leaves (optax named tuples come back as plain lists / dicts).
+  Returns `{"step": int, "state": {"params", "batch_stats", "opt_state", "step", "rng"},
+  "data": {"process_count", "iterators"}}` with numpy leaves (optax named tuples come
+  back as plain lists / dicts).
   """
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
@@ -79,5 +80,5 @@ def load_checkpoint(workdir: str, step: Optional[int] = None) -> dict:
     if step is None:
       raise ValueError(f"no checkpoint in {directory}")
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
-  return {"step": step, "state": restored.state}
+        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+  return {"step": step, "state": restored.state, "data": restored.data}

@@ -190,7 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
 
   state = distributed.replicate(host_state, devices)
   del host_state
-  p_train, p_eval = make_steps(config, model, tx, info.num_classes, devices)
+  p_train, p_eval = make_steps(config, model, tx, info.num_classes)
   hooks = build_hooks(config, model, ds) + list(extra_hooks)
   probe_batch = ds.probe_batch(config.probes.batch_size) if hooks else None
   train_iterator = ds.train_iterator(iterator_state)
@@ -213,7 +213,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
     for name, result in run_hooks(hooks, 0, total_steps, host_variables(), probe_batch):
       writer.write(0, "probe", {"hook": name, **result})
 
-  status, diverged_step = "completed", None
+  status, diverged_step, details = "completed", None, {}
   pending, window = [], []  # device metrics not yet fetched; host metrics of the window
   window_t0, t_loop, step0 = time.time(), time.time(), step
   progress = Progress(total_steps, step, enabled=is_main, interactive=interactive)
@@ -256,7 +256,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
         window, window_t0 = [], time.time()
       if bad_index is not None:
         status, diverged_step = "diverged", first + bad_index + 1
-        writer.event(step, "diverged", diverged_step=diverged_step, nonfinite=bad_keys)
+        details = {"diverged_step": diverged_step, "nonfinite": bad_keys}
         logging.warning("diverged: non-finite %s at step %d; last finite checkpoint: %s",
                         ", ".join(bad_keys), diverged_step, checkpointer.latest_step())
         break
@@ -270,6 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
         save_checkpoint(step, iterator_state)
       if stopping:
         status = "preempted"
+        details = {"signal": stop.signal_name or "another process"}
         logging.warning("%s: checkpoint saved at step %d in %s; rerun the same command to "
                         "resume", stop.signal_name or "stop requested by another process",
                         step, checkpointer.directory)
@@ -280,7 +281,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
   checkpointer.close()
   train_time = time.time() - t_loop
   steps_done = step - step0
-  writer.event(step, status, **({"diverged_step": diverged_step} if diverged_step else {}))
+  writer.event(step, status, **details)
   writer.close()
 
   final = {}

@@ -68,7 +68,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
       "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32),
   }
   metrics = jax.lax.pmean(metrics, AXIS_NAME)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                             opt_state=opt_state)
   return new_state, metrics
@@ -90,8 +90,10 @@ def eval_step(state: TrainState, batch: dict, *, model, num_classes: int) -> dic
 
 def make_steps(config, model, tx, num_classes: int, devices=None
                ) -> tuple[Callable, Callable]:
-  """(p_train_step, p_eval_step): pmapped over `devices` (default: all local devices);
-  the train step donates the incoming state's buffers."""
+  """(p_train_step, p_eval_step): pmapped over `devices` (default: every device of every
+  process; an explicit list confines the collectives to those devices, so pass one only
+  in a single process, e.g. to time 1 of 4 devices); the train step donates the
+  incoming state's buffers."""
   p_train = jax.pmap(
       functools.partial(train_step, model=model, tx=tx, num_classes=num_classes,
                         label_smoothing=float(config.label_smoothing),
