@@ -1,20 +1,22 @@
-"""Every config in configs/ validates and trains a few steps with tiny overrides."""
+"""Every config in configs/ validates and trains a few steps with tiny overrides, through
+the real data pipeline (digits, or a small CIFAR-10 archive written for the test)."""
 import importlib.util
 import pathlib
 
 import numpy as np
 import pytest
 
+from data_writers import random_images, write_cifar10
 from lipnorm.models import model_names
 from lipnorm.training import train, validate_config
-from training_fakes import fake_dataset_fn
+from training_helpers import set_fields
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
-# Per config: model-size overrides that keep the family but make it tiny.
-TINY_MODEL = {
-    "default": {"width": 16},
-    "relu10_cifar10": {"width": 16},
+# Per config: overrides that keep the model family but make it tiny.
+TINY = {
+    "default": {"model.width": 16},
+    "relu10_cifar10": {"model.width": 16},
     "resnet18_cifar10": {},
     "efficientnet_b3_cifar10": {},
 }
@@ -27,25 +29,34 @@ def load_config(name: str):
   return module.get_config()
 
 
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+  """An official-format CIFAR-10 archive with 5 x 4 training and 8 test images."""
+  rng = np.random.default_rng(0)
+  parts = [(random_images(rng, 4), rng.integers(0, 10, 4)) for _ in range(5)]
+  root = tmp_path_factory.mktemp("cifar")
+  write_cifar10(root, parts, (random_images(rng, 8), rng.integers(0, 10, 8)))
+  return root
+
+
 def test_every_config_file_is_covered():
-  assert sorted(p.stem for p in CONFIGS.glob("*.py")) == sorted(TINY_MODEL)
+  assert sorted(p.stem for p in CONFIGS.glob("*.py")) == sorted(TINY)
 
 
-@pytest.mark.parametrize("name", sorted(TINY_MODEL))
-def test_config_trains_a_few_steps(name, tmp_path):
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_config_trains_a_few_steps(name, tmp_path, cifar_dir):
   config = load_config(name)
   if config.model.name not in model_names():
     pytest.skip(f"model {config.model.name!r} is not registered on this branch yet")
   validate_config(config)
-  for key, value in TINY_MODEL[name].items():
-    config.model[key] = value
-  config.data.batch_size = config.data.eval_batch_size = 8
-  config.num_train_steps = 2
-  config.schedule.warmup_steps = 0
-  config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
-  summary = train(config, str(tmp_path),
-                  dataset_fn=fake_dataset_fn(image_shape=(8, 8, 3), num_classes=10,
-                                             num_train=32, num_test=8),
-                  interactive=False)
+  set_fields(config, {**TINY[name], "data.batch_size": 8, "data.eval_batch_size": 8,
+                      "num_train_steps": 2, "schedule.warmup_steps": 0,
+                      "log_every_steps": 2, "eval_every_steps": 2,
+                      "checkpoint_every_steps": 2})
+  if config.data.source == "cifar10":
+    config.data.data_dir = str(cifar_dir)
+  else:
+    config.data.num_train, config.data.num_test = 64, 16
+  summary = train(config, str(tmp_path), interactive=False)
   assert summary["status"] == "completed" and summary["step"] == 2
   assert np.isfinite(summary["final"]["eval_loss"])

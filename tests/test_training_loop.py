@@ -1,5 +1,5 @@
-"""End-to-end `train()` runs on a tiny in-memory dataset with 4 simulated devices:
-outputs, bitwise resume, divergence, hooks."""
+"""End-to-end `train()` runs on 64 digits with 4 simulated devices: outputs, bitwise
+resume, divergence, hooks, workdir config checks."""
 import json
 import os
 import shutil
@@ -11,7 +11,7 @@ import pytest
 
 from lipnorm.training import EXIT_CODES, Hook, base_config, load_checkpoint, train
 from lipnorm.training.metrics_writer import read_metrics
-from training_fakes import fake_dataset_fn, tiny_config
+from training_helpers import tiny_config
 
 
 def _sigterm_at(step_to_signal):
@@ -35,7 +35,7 @@ PROBE_CALLS = []
 def _probe(step, variables, batch):
   PROBE_CALLS.append(step)
   assert set(variables) == {"params", "batch_stats"}
-  assert batch["image"].shape == (5, 4, 4, 1)
+  assert batch["image"].shape == (5, 8, 8, 1)
   return {"kernel0_fro": float(np.linalg.norm(variables["params"]["dense_0"]["kernel"])),
           "per_layer": [1.0, 2.0]}
 
@@ -45,8 +45,7 @@ def full_run(tmp_path_factory):
   """One uninterrupted 8-step run (with a probe hook), shared by the tests below."""
   workdir = tmp_path_factory.mktemp("full")
   summary = train(tiny_config(**{"probes.batch_size": 5}), str(workdir),
-                  dataset_fn=fake_dataset_fn(), extra_hooks=[Hook("norms", 3, _probe)],
-                  interactive=False)
+                  extra_hooks=[Hook("norms", 3, _probe)], interactive=False)
   return workdir, summary
 
 
@@ -76,13 +75,13 @@ def test_outputs_and_metrics_format(full_run):
 
 def test_resume_is_bitwise_identical(full_run, tmp_path):
   config = tiny_config(**{"probes.batch_size": 5})
-  part = train(config, str(tmp_path), dataset_fn=fake_dataset_fn(),
+  part = train(config, str(tmp_path),
                extra_hooks=[_sigterm_at(2)], interactive=False)
   # The signal lands during step 2's boundary; the loop stops at the next boundary it
   # reaches (step 3: the hook's), mid-epoch, with a checkpoint there.
   assert part["status"] == "preempted" and part["step"] == 3
   assert part["last_checkpoint_step"] == 3
-  resumed = train(config, str(tmp_path), dataset_fn=fake_dataset_fn(), interactive=False)
+  resumed = train(config, str(tmp_path), interactive=False)
   assert resumed["status"] == "completed" and resumed["resumed_from_step"] == 3
   a = load_checkpoint(str(full_run[0]))
   b = load_checkpoint(str(tmp_path))
@@ -104,7 +103,7 @@ def test_divergence_stops_keeps_last_finite_checkpoint(tmp_path):
   config = tiny_config(**{"model.norm": "none", "optimizer.learning_rate": 1e30,
                           "schedule.name": "constant", "checkpoint_every_steps": 1,
                           "num_train_steps": 50, "log_every_steps": 10})
-  summary = train(config, str(tmp_path), dataset_fn=fake_dataset_fn(), interactive=False)
+  summary = train(config, str(tmp_path), interactive=False)
   assert summary["status"] == "diverged" and EXIT_CODES["diverged"] == 3
   assert summary["diverged_step"] == 2 and summary["step"] == 2
   assert summary["last_checkpoint_step"] == 1
@@ -126,8 +125,8 @@ def test_workdir_with_other_config_is_refused_unless_overridden(full_run, tmp_pa
   workdir = str(tmp_path / "w")
   other = tiny_config(**{"probes.batch_size": 5, "num_train_steps": 10})
   with pytest.raises(ConfigError, match=r"num_train_steps: 8 -> 10.*--override_config"):
-    train(other, workdir, dataset_fn=fake_dataset_fn(), interactive=False)
-  summary = train(other, workdir, dataset_fn=fake_dataset_fn(), interactive=False,
+    train(other, workdir, interactive=False)
+  summary = train(other, workdir, interactive=False,
                   override_config=True)
   assert summary["status"] == "completed" and summary["resumed_from_step"] == 8
   assert summary["step"] == 10

@@ -15,7 +15,7 @@ import pytest
 
 from lipnorm.training import EXIT_CODES, load_checkpoint, train
 from lipnorm.training.metrics_writer import read_metrics
-from training_fakes import fake_dataset_fn, tiny_config
+from training_helpers import tiny_config
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -68,8 +68,8 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
   with open(metrics, "a") as f:
     f.write('{"step": 99999, "kind": "tra')
   changes["num_train_steps"] = stopped + 3
-  resumed = train(tiny_config(**changes), str(tmp_path), dataset_fn=fake_dataset_fn(),
-                  override_config=True, interactive=False)
+  resumed = train(tiny_config(**changes), str(tmp_path), override_config=True,
+                  interactive=False)
   assert resumed["status"] == "completed" and resumed["resumed_from_step"] == stopped
   assert resumed["step"] == stopped + 3
   assert not any("tmp" in p for p in os.listdir(tmp_path / "checkpoints"))
@@ -80,7 +80,7 @@ def test_two_processes_agree_with_one(tmp_path):
   changes = {"schedule.name": "constant", "bn_stats": "global", "num_train_steps": 4,
              "log_every_steps": 2, "eval_every_steps": 2, "checkpoint_every_steps": 2}
   single = train(tiny_config(**{**changes, "num_train_steps": 6}), str(tmp_path / "one"),
-                 dataset_fn=fake_dataset_fn(), interactive=False)
+                 interactive=False)
   assert single["status"] == "completed"
 
   def run_pair(steps: int, override: bool):

@@ -15,13 +15,12 @@ jax.config.update("jax_num_cpu_devices", int(os.environ.get("JAX_NUM_CPU_DEVICES
 from absl import logging  # noqa: E402
 
 from lipnorm.training import EXIT_CODES, train  # noqa: E402
-from training_fakes import fake_dataset_fn, tiny_config  # noqa: E402
+from training_helpers import tiny_config  # noqa: E402
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.WARNING)
   args = json.loads(sys.argv[1])
   summary = train(tiny_config(**args["config"]), args["workdir"],
-                  dataset_fn=fake_dataset_fn(), override_config=args.get("override", False),
-                  interactive=False)
+                  override_config=args.get("override", False), interactive=False)
   print(f"status {summary['status']} step {summary['step']}", flush=True)
   sys.exit(EXIT_CODES[summary["status"]])

@@ -14,7 +14,9 @@ Fields (see README "Training" for the full story):
                             over the pmap axis); "per_device": over each device's shard.
                             Running statistics are identical on every replica either way.
   dtype                     "float32" or "bfloat16" (compute dtype; params stay float32).
-  data.*                    passed to `lipnorm.data.get_dataset` (batch sizes are GLOBAL).
+  data.*                    passed to `lipnorm.data.get_dataset` (batch sizes are GLOBAL;
+                            source, data_dir, augment, standardize, num_train/num_test
+                            subsets, digits_test_fraction, prefetch, crop_padding).
   optimizer.*               name (sgd, adam, adamw), learning_rate, momentum, nesterov,
                             b1, b2, eps, weight_decay, grad_clip_norm (0 = off).
   schedule.*                name (constant, cosine, step), warmup_steps (linear warmup
@@ -64,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.standardize = True
   c.data.num_train = placeholder(int)    # None: the whole split
   c.data.num_test = placeholder(int)
+  c.data.digits_test_fraction = 0.2      # digits: test share of the stratified split
+  c.data.prefetch = 2                    # batches prepared ahead in a thread (0 = none)
+  c.data.crop_padding = 4                # augmentation: zero padding for the random crop
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
@@ -196,6 +201,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   the devices.
   """
   # Imported here: the registries live in modules that import JAX/Flax.
+  from lipnorm.data import dataset_names
   from lipnorm.models import get_model, model_names
   from lipnorm.normalizers import get_normalizer, normalizer_names
   from lipnorm.training.optim import optimizer_names, schedule_names
@@ -226,6 +232,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   except (ValueError, TypeError) as e:
     raise ConfigError(f"config.model ({config.model.name}): {e}") from None
 
+  _one_of(config, "data.source", dataset_names())
   _number(config, "data.batch_size", low=1, integer=True)
   _number(config, "data.eval_batch_size", low=1, integer=True)
   for key in ("data.num_train", "data.num_test"):

@@ -29,7 +29,7 @@ from absl import logging
 
 from lipnorm.training import distributed
 from lipnorm.training.checkpointing import Checkpointer
-from lipnorm.training.config_schema import check_batch_sizes, validate_config
+from lipnorm.training.config_schema import ConfigError, check_batch_sizes, validate_config
 from lipnorm.training.hooks import Hook, build_hooks, run_hooks
 from lipnorm.training.metrics_writer import METRICS_FILE, MetricsWriter, Progress, read_metrics
 from lipnorm.training.optim import make_optimizer, make_schedule
@@ -138,8 +138,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
 
   Returns the summary dict also written to `<workdir>/summary.json`: status, step,
   num_train_steps, diverged_step, final (train_loss, train_accuracy, eval_loss,
-  eval_accuracy), wall_time_s, steps_per_sec, examples_per_sec, resumed_from_step,
-  num_params, process_count, device_count.
+  eval_accuracy: the last logged values), wall_time_s (this call, start-up included),
+  steps_per_sec and examples_per_sec (this call's updates after its first, compiling,
+  one, evaluation and checkpointing included), resumed_from_step, num_params,
+  process_count, device_count, last_checkpoint_step.
   Raises ConfigError (a ValueError) for bad config values, before any training.
   """
   t_start = time.time()
@@ -158,9 +160,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("lipnorm_config_checked")
 
-  ds = (dataset_fn or _default_dataset_fn)(
-      config.data, seed=config.seed, num_local_devices=len(devices),
-      process_index=jax.process_index(), process_count=jax.process_count())
+  try:
+    ds = (dataset_fn or _default_dataset_fn)(
+        config.data, seed=config.seed, num_local_devices=len(devices),
+        process_index=jax.process_index(), process_count=jax.process_count())
+  except ValueError as e:  # bad data settings or missing files: a config problem
+    raise ConfigError(f"config.data (source {config.data.source!r}): {e}") from None
   info = ds.info
   total_steps = num_train_steps(config, info.num_train)
   model = build_model(config, info.num_classes)
@@ -215,7 +220,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
 
   status, diverged_step, details = "completed", None, {}
   pending, window = [], []  # device metrics not yet fetched; host metrics of the window
-  window_t0, t_loop, step0 = time.time(), time.time(), step
+  # Rates exclude this session's first step, which includes compilation.
+  rate_t0, rate_steps, session_t0, step0 = time.time(), 0, time.time(), step
   progress = Progress(total_steps, step, enabled=is_main, interactive=interactive)
   stop = _StopRequest()
   with stop.installed():
@@ -224,6 +230,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
       state, metrics = p_train(state, batch)
       step += 1
       pending.append(metrics)
+      if step == step0 + 1:
+        jax.block_until_ready(metrics)
+        rate_t0 = session_t0 = time.time()
+      else:
+        rate_steps += 1
       progress.update()
 
       is_last = step == total_steps
@@ -245,15 +256,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
       window += fetched
       bad_index, bad_keys = _first_nonfinite(fetched)
       if log_due or bad_index is not None:
-        elapsed = time.time() - window_t0
-        rate = len(window) / elapsed if elapsed > 0 else 0.0
+        elapsed = time.time() - rate_t0
+        rate = rate_steps / elapsed if elapsed > 0 and rate_steps else None
         means = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
         last["train"] = writer.write(step, "train", {
             **means, "learning_rate": float(schedule(step - 1)),
             "window_steps": len(window), "steps_per_sec": rate,
-            "examples_per_sec": rate * config.data.batch_size})
+            "examples_per_sec": rate and rate * config.data.batch_size})
         progress.report(last["train"])
-        window, window_t0 = [], time.time()
+        window, rate_t0, rate_steps = [], time.time(), 0
       if bad_index is not None:
         status, diverged_step = "diverged", first + bad_index + 1
         details = {"diverged_step": diverged_step, "nonfinite": bad_keys}
@@ -276,11 +287,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
                         step, checkpointer.directory)
         break
   progress.close()
+  if hasattr(train_iterator, "close"):  # stops lipnorm.data's prefetch thread
+    train_iterator.close()
   checkpointer.wait()
   last_checkpoint = checkpointer.latest_step()
   checkpointer.close()
-  train_time = time.time() - t_loop
-  steps_done = step - step0
+  train_time = time.time() - session_t0
+  steps_done = step - step0 - 1   # after the compiling first step
   writer.event(step, status, **details)
   writer.close()
 
@@ -292,9 +305,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
       "status": status, "step": step, "num_train_steps": total_steps,
       "diverged_step": diverged_step, "final": final,
       "wall_time_s": time.time() - t_start,
-      "steps_per_sec": steps_done / train_time if train_time > 0 else None,
+      "steps_per_sec": steps_done / train_time if steps_done > 0 else None,
       "examples_per_sec": (steps_done * config.data.batch_size / train_time
-                           if train_time > 0 else None),
+                           if steps_done > 0 else None),
       "resumed_from_step": start_step, "num_params": num_params,
       "process_count": jax.process_count(), "device_count": jax.device_count(),
       "last_checkpoint_step": last_checkpoint,

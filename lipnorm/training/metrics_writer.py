@@ -5,8 +5,10 @@ JSONL format (`<workdir>/metrics.jsonl`), one JSON object per line, every line w
   "kind": "train" | "eval" | "probe" | "event",
   "time": float  Unix time of writing,
 and then, per kind:
-  train: loss, accuracy, grad_norm (means over the logging window), learning_rate (at
-         `step`), window_steps, steps_per_sec, examples_per_sec.
+  train: loss, accuracy, grad_norm (means over the logging window), learning_rate (of
+         the last update), window_steps, steps_per_sec and examples_per_sec (wall-clock
+         rate over the window, evaluation and checkpoint time included, a session's
+         first, compiling, step excluded; null when the window has no other step).
   eval:  split, loss, accuracy, num_examples (eval-mode BN, padding excluded).
   probe: hook (its name) and whatever the hook returned: floats or lists of floats.
   event: event ("start", "resumed", "checkpoint", "config_override", "diverged",
@@ -157,10 +159,12 @@ class Progress:
 
 
 class _DropChattyLibraries:
-  """A logging filter dropping INFO-and-below records from Orbax (several per save)."""
+  """A logging filter dropping INFO-and-below records from Orbax (several per save) and
+  JAX (backend probing)."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= 30 or "/orbax/" not in record.pathname
+    return record.levelno >= 30 or not any(
+        part in record.pathname for part in ("/orbax/", "/jax/_src/"))
 
 
 def quiet_library_logs() -> None:
