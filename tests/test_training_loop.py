@@ -133,3 +133,6 @@ def test_workdir_with_other_config_is_refused_unless_overridden(full_run, tmp_pa
   events = [r for r in read_metrics(workdir + "/metrics.jsonl") if r["kind"] == "event"]
   assert any(e["event"] == "config_override" for e in events)
   assert json.loads((tmp_path / "w" / "config.json").read_text())["num_train_steps"] == 10
+  wider = tiny_config(**{"probes.batch_size": 5, "num_train_steps": 10, "model.width": 32})
+  with pytest.raises(ConfigError, match=r"cannot resume .*checkpoints/10 .*new workdir"):
+    train(wider, workdir, interactive=False, override_config=True)

@@ -17,6 +17,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
@@ -52,6 +53,7 @@ class Checkpointer:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, host_target)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    _check_shapes(restored.state, host_target)
     data = restored.data
     if data["process_count"] != jax.process_count():
       raise ValueError(
@@ -64,6 +66,19 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _check_shapes(restored, target) -> None:
+  """Orbax returns stored shapes even when the target's differ: refuse a mismatch."""
+  got = jax.tree_util.tree_flatten_with_path(restored)[0]
+  want = jax.tree_util.tree_flatten_with_path(target)[0]
+  if [p for p, _ in got] != [p for p, _ in want]:
+    raise ValueError("checkpoint holds a differently structured state (other model or "
+                     "optimizer)")
+  for (path, a), (_, b) in zip(got, want):
+    if np.shape(a) != np.shape(b):
+      raise ValueError(f"checkpoint has {jax.tree_util.keystr(path)} of shape "
+                       f"{np.shape(a)}, this config needs {np.shape(b)}")
 
 
 def load_checkpoint(workdir: str, step: Optional[int] = None) -> dict:

@@ -149,9 +149,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
       config, ml_collections.ConfigDict) else config.copy_and_resolve_references()
   validate_config(config)
   distributed.maybe_initialize(config.distributed)
-  devices = jax.local_devices()
   check_batch_sizes(config, jax.device_count(), jax.process_count())
-  is_main = jax.process_index() == 0
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -162,7 +160,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
 
   try:
     ds = (dataset_fn or _default_dataset_fn)(
-        config.data, seed=config.seed, num_local_devices=len(devices),
+        config.data, seed=config.seed, num_local_devices=jax.local_device_count(),
         process_index=jax.process_index(), process_count=jax.process_count())
   except ValueError as e:  # bad data settings or missing files: a config problem
     raise ConfigError(f"config.data (source {config.data.source!r}): {e}") from None
@@ -170,14 +168,40 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
   total_steps = num_train_steps(config, info.num_train)
   model = build_model(config, info.num_classes)
   tx = make_optimizer(config, total_steps)
-  schedule = make_schedule(config, total_steps)
   host_state = jax.device_get(create_train_state(model, tx, info.image_shape, config.seed))
 
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
   start_step = checkpointer.latest_step()
   iterator_state = None
-  if start_step is not None:
-    host_state, iterator_state = checkpointer.restore(start_step, host_state)
+  try:
+    if start_step is not None:
+      host_state, iterator_state = checkpointer.restore(start_step, host_state)
+    train_iterator = ds.train_iterator(iterator_state)  # checks the position fits the data
+  except (ValueError, KeyError, TypeError) as e:
+    checkpointer.close()
+    if start_step is None:
+      raise
+    raise ConfigError(
+        f"cannot resume {checkpointer.directory}/{start_step} with this config "
+        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); a config "
+        f"that changes the model, optimizer or data needs a new workdir") from None
+  try:
+    return _run(config, workdir, ds, model, tx, host_state, checkpointer, train_iterator,
+                start_step, config_diffs=config_diffs, extra_hooks=extra_hooks,
+                interactive=interactive, t_start=t_start)
+  finally:
+    if hasattr(train_iterator, "close"):  # stops lipnorm.data's prefetch thread
+      train_iterator.close()
+    checkpointer.close()
+
+
+def _run(config, workdir, ds, model, tx, host_state, checkpointer, train_iterator,
+         start_step, *, config_diffs, extra_hooks, interactive, t_start) -> dict:
+  """The part of `train` after everything is built and restored: the loop and its
+  outputs (the caller closes the iterator and the checkpointer)."""
+  info, devices, is_main = ds.info, jax.local_devices(), jax.process_index() == 0
+  total_steps = num_train_steps(config, info.num_train)
+  schedule = make_schedule(config, total_steps)
   writer = MetricsWriter(workdir, is_main, resume_step=start_step)
   last = {r["kind"]: r for r in read_metrics(os.path.join(workdir, METRICS_FILE))
           if r["kind"] in ("train", "eval")} if start_step is not None else {}
@@ -198,7 +222,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
   p_train, p_eval = make_steps(config, model, tx, info.num_classes)
   hooks = build_hooks(config, model, ds) + list(extra_hooks)
   probe_batch = ds.probe_batch(config.probes.batch_size) if hooks else None
-  train_iterator = ds.train_iterator(iterator_state)
   iterator_state = train_iterator.get_state()
   batches = _batches(train_iterator, devices)
   step = start_step or 0
@@ -287,11 +310,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
                         step, checkpointer.directory)
         break
   progress.close()
-  if hasattr(train_iterator, "close"):  # stops lipnorm.data's prefetch thread
-    train_iterator.close()
   checkpointer.wait()
   last_checkpoint = checkpointer.latest_step()
-  checkpointer.close()
   train_time = time.time() - session_t0
   steps_done = step - step0 - 1   # after the compiling first step
   writer.event(step, status, **details)
