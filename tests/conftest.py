@@ -7,6 +7,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
+# The partitionable threefry (the default since jax 0.5) costs 2-4 s of XLA compile per
+# new random shape on CPU; the classic one compiles ~10x faster. Tests draw different
+# (equally valid) random numbers; library code is unaffected.
+jax.config.update("jax_threefry_partitionable", False)
 
 import pathlib  # noqa: E402
 
