@@ -11,14 +11,19 @@ from lipnorm.models import model_names
 from lipnorm.training import train, validate_config
 from training_helpers import set_fields
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 # Per config: overrides that keep the model family but make it tiny.
 TINY = {
     "default": {"model.width": 16},
     "relu10_cifar10": {"model.width": 16},
-    "resnet18_cifar10": {},
-    "efficientnet_b3_cifar10": {},
+    "resnet18_cifar10": {"model.width": 8},
+    # Two MBConv blocks (without and with expansion) instead of B3's 26: every code path
+    # (squeeze-excite, stochastic depth, dropout) at a fraction of the compile time.
+    "efficientnet_b3_cifar10": {"model.blocks": ((1, 3, 2, 1, 32, 16), (1, 3, 2, 6, 16, 24)),
+                                "model.width_coefficient": 0.25, "model.top_filters": 64},
 }
 
 

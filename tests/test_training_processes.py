@@ -17,6 +17,8 @@ from lipnorm.training import EXIT_CODES, load_checkpoint, train
 from lipnorm.training.metrics_writer import read_metrics
 from training_helpers import tiny_config
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
 

@@ -11,6 +11,9 @@ import sys
 import jax
 
 jax.config.update("jax_num_cpu_devices", int(os.environ.get("JAX_NUM_CPU_DEVICES", "1")))
+# As tests/conftest.py and its fast_compiles fixture, so results match the test process's.
+jax.config.update("jax_threefry_partitionable", False)
+jax.config.update("jax_disable_most_optimizations", True)
 
 from absl import logging  # noqa: E402
 

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from lipnorm.training.state import AXIS_NAME
+
 
 def _env_int(name: str) -> int:
   try:
@@ -57,21 +59,26 @@ def maybe_initialize(dcfg) -> bool:
   return True
 
 
+def _local_sharding(devices=None) -> jax.sharding.NamedSharding:
+  """Leading axis split over the local devices, named like the pmap axis: exactly the
+  sharding pmapped steps return, so the first call compiles the same program as later
+  ones (a differently named mesh would cost a second compilation)."""
+  devices = devices or jax.local_devices()
+  mesh = jax.sharding.Mesh(np.array(devices), (AXIS_NAME,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS_NAME))
+
+
 def replicate(tree, devices=None):
   """Host pytree -> pytree whose leaves have a leading `[D]` axis on the local devices
   (the layout a pmapped function takes and returns)."""
-  devices = devices or jax.local_devices()
-  mesh = jax.sharding.Mesh(np.array(devices), ("replica",))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
-  return jax.tree.map(
-      lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
+  sharding = _local_sharding(devices)
+  n = len(sharding.mesh.devices)
+  return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * n), sharding), tree)
 
 
 def shard_batch(batch: dict, devices=None) -> dict:
   """`[D, ...]` host arrays -> device arrays split over the local devices (async copy)."""
-  devices = devices or jax.local_devices()
-  mesh = jax.sharding.Mesh(np.array(devices), ("replica",))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
+  sharding = _local_sharding(devices)
   return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
 
