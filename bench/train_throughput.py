@@ -29,8 +29,9 @@ _DEPTH = flags.DEFINE_integer("depth", 10, "relu_net depth (linear maps).")
 _WIDTH = flags.DEFINE_integer("width", 512, "relu_net width.")
 _NORM = flags.DEFINE_string("norm", "batch", "Normalizer for every model.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per setting.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_STEPS = flags.DEFINE_integer("steps", 0, "Timed steps per setting (0: 20 on "
+                              "accelerators, 3 on CPU, where a ResNet-18 step takes seconds).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after the compiling one.")
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 0, "Matmul size for the peak (0: 2048 on "
                                  "CPU, 8192 on accelerators).")
 
@@ -63,7 +64,7 @@ def step_flops(p_train, state, batch) -> float:
     return float("nan")
 
 
-def time_setting(model_name: str, k: int):
+def time_setting(model_name: str, k: int, steps: int):
   import jax
   import numpy as np
   from lipnorm.training import base_config, build_model, create_train_state, make_optimizer
@@ -94,10 +95,10 @@ def time_setting(model_name: str, k: int):
     state, m = p_train(state, batch)
   jax.block_until_ready(m)
   t = time.perf_counter()
-  for _ in range(_STEPS.value):
+  for _ in range(steps):
     state, m = p_train(state, batch)
   jax.block_until_ready(m)
-  step_s = (time.perf_counter() - t) / _STEPS.value
+  step_s = (time.perf_counter() - t) / steps
   return step_s, compile_s, flops
 
 
@@ -115,10 +116,12 @@ def main(argv):
         f"{os.cpu_count()} host cores; dtype {_DTYPE.value}, global batch {_BATCH.value}, "
         f"image {tuple(int(s) for s in _IMAGE.value)}")
   n = _MATMUL_N.value or (2048 if simulated else 8192)
+  steps = _STEPS.value or (3 if simulated else 20)
   peak = matmul_peak(n, jnp.dtype(_DTYPE.value))
-  print(f"matmul peak ({n}x{n} {_DTYPE.value}, one device): {peak / 1e12:.3f} TFLOP/s")
+  print(f"matmul peak ({n}x{n} {_DTYPE.value}, one device): {peak / 1e12:.3f} TFLOP/s; "
+        f"{steps} timed steps per row; '1st call' = compilation + one step")
   print(f"{'model':<12}{'devices':>8}{'step ms':>10}{'examples/s':>12}{'GFLOP/step':>12}"
-        f"{'TFLOP/s':>10}{'of peak':>9}{'compile s':>11}")
+        f"{'TFLOP/s':>10}{'of peak':>9}{'1st call s':>11}")
   for name in _MODELS.value:
     if name not in model_names():
       print(f"{name:<12} skipped: not a registered model (have {', '.join(model_names())})")
@@ -130,7 +133,7 @@ def main(argv):
       if _BATCH.value % k:
         print(f"{name:<12}{k:>8}  skipped: batch {_BATCH.value} does not split over {k}")
         continue
-      step_s, compile_s, flops = time_setting(name, k)
+      step_s, compile_s, flops = time_setting(name, k, steps)
       achieved = flops / step_s
       machine_peak = peak if simulated else peak * k
       print(f"{name:<12}{k:>8}{step_s * 1e3:>10.2f}{_BATCH.value / step_s:>12.0f}"
