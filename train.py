@@ -39,7 +39,10 @@ def _parse_flags(argv):
   try:
     return app.parse_flags_with_usage(argv)
   except (KeyError, AttributeError) as e:
-    text = str(e.args[0]) if e.args else str(e)
+    text = e
+    while isinstance(text, BaseException) and text.args:  # ml_collections nests errors
+      text = text.args[0]
+    text = str(text)
     key = re.findall(r"'([^']+)'", text)
     hint = re.search(r'Did you mean "([^"]+)"', text)
     bad = next((a for a in argv[1:] if key and a.startswith("--config.")

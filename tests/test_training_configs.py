@@ -1,19 +1,13 @@
 """Every config in configs/ validates and trains a few steps with tiny overrides, through
 the real data pipeline (digits, or a small CIFAR-10 archive written for the test)."""
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 
 from data_writers import random_images, write_cifar10
-from lipnorm.models import model_names
 from lipnorm.training import train, validate_config
-from training_helpers import set_fields
+from training_helpers import CONFIGS, load_config, set_fields
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 # Per config: overrides that keep the model family but make it tiny.
 TINY = {
@@ -25,13 +19,6 @@ TINY = {
     "efficientnet_b3_cifar10": {"model.blocks": ((1, 3, 2, 1, 32, 16), (1, 3, 2, 6, 16, 24)),
                                 "model.width_coefficient": 0.25, "model.top_filters": 64},
 }
-
-
-def load_config(name: str):
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +38,6 @@ def test_every_config_file_is_covered():
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_config_trains_a_few_steps(name, tmp_path, cifar_dir):
   config = load_config(name)
-  if config.model.name not in model_names():
-    pytest.skip(f"model {config.model.name!r} is not registered on this branch yet")
   validate_config(config)
   set_fields(config, {**TINY[name], "data.batch_size": 8, "data.eval_batch_size": 8,
                       "num_train_steps": 2, "schedule.warmup_steps": 0,

@@ -1,8 +1,8 @@
-"""Training in separate processes: SIGTERM leaves a resumable checkpoint; two processes
-joined by `jax.distributed.initialize` on 127.0.0.1 agree with one process."""
+"""train.py in separate processes: bad flags fail in one line; SIGTERM leaves a resumable
+checkpoint; two processes joined by `jax.distributed.initialize` on 127.0.0.1 agree
+with one process."""
 import json
 import os
-import pathlib
 import signal
 import socket
 import subprocess
@@ -15,19 +15,19 @@ import pytest
 
 from lipnorm.training import EXIT_CODES, load_checkpoint, train
 from lipnorm.training.metrics_writer import read_metrics
-from training_helpers import tiny_config
+from training_helpers import ROOT, tiny_cli_flags, tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
-TESTS = pathlib.Path(__file__).resolve().parent
-ROOT = TESTS.parent
 
-
-def _launch(args: dict, devices: int) -> subprocess.Popen:
+def _launch(flags: list[str], devices: int) -> subprocess.Popen:
+  """`python train.py <flags>` with JAX set up like this test process (tests/conftest.py
+  and its fast_compiles fixture), so its numbers match in-process runs."""
   env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
-  return subprocess.Popen([sys.executable, str(TESTS / "training_worker.py"), json.dumps(args)],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "JAX_THREEFRY_PARTITIONABLE": "false", "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",
+         "PYTHONPATH": str(ROOT)}
+  return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
@@ -36,7 +36,7 @@ def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
   except subprocess.TimeoutExpired:
     proc.kill()
     out, _ = proc.communicate()
-    pytest.fail(f"worker timed out after {timeout}s; output:\n{out[-3000:]}")
+    pytest.fail(f"train.py timed out after {timeout}s; output:\n{out[-3000:]}")
   return proc.returncode, out
 
 
@@ -46,21 +46,31 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def test_unknown_config_key_fails_in_one_line(tmp_path):
+  code, out = _finish(_launch(tiny_cli_flags() + [f"--workdir={tmp_path}",
+                                                  "--config.optimizer.momemtum=0.5"], 1), 120)
+  assert code == 2
+  errors = [line for line in out.splitlines() if line.startswith("error:")]
+  assert errors == ["error: --config.optimizer.momemtum=0.5: no such config key 'momemtum'; "
+                    "did you mean 'momentum'? (all fields: lipnorm/training/config_schema.py)"]
+  assert "Traceback" not in out and not os.listdir(tmp_path)
+
+
 def test_sigterm_checkpoints_and_resumes(tmp_path):
   changes = {"num_train_steps": 100_000, "schedule.name": "constant", "log_every_steps": 5,
              "eval_every_steps": 100_000, "checkpoint_every_steps": 100_000}
-  proc = _launch({"workdir": str(tmp_path), "config": changes}, devices=4)
+  proc = _launch(tiny_cli_flags(**changes) + [f"--workdir={tmp_path}"], devices=4)
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 180
   while not any(r["kind"] == "train" for r in read_metrics(str(metrics))):
     if proc.poll() is not None or time.time() > deadline:
       proc.kill()
-      pytest.fail(f"worker never logged a train record:\n{proc.communicate()[0][-3000:]}")
+      pytest.fail(f"train.py never logged a train record:\n{proc.communicate()[0][-3000:]}")
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   code, out = _finish(proc, timeout=120)
-  assert code == EXIT_CODES["preempted"], out[-3000:]
-  assert "received SIGTERM" in out
+  assert code == EXIT_CODES["preempted"] == 4, out[-3000:]
+  assert "received SIGTERM" in out and "rerun the same command to resume" in out
   summary = json.loads((tmp_path / "summary.json").read_text())
   stopped = summary["step"]
   assert summary["status"] == "preempted" and summary["last_checkpoint_step"] == stopped > 0
@@ -79,25 +89,24 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
 
 
 def test_two_processes_agree_with_one(tmp_path):
-  changes = {"schedule.name": "constant", "bn_stats": "global", "num_train_steps": 4,
-             "log_every_steps": 2, "eval_every_steps": 2, "checkpoint_every_steps": 2}
-  single = train(tiny_config(**{**changes, "num_train_steps": 6}), str(tmp_path / "one"),
+  changes = {"schedule.name": "constant", "bn_stats": "global", "log_every_steps": 2,
+             "eval_every_steps": 2, "checkpoint_every_steps": 2}
+  single = train(tiny_config(**changes, num_train_steps=6), str(tmp_path / "one"),
                  interactive=False)
   assert single["status"] == "completed"
 
-  def run_pair(steps: int, override: bool):
+  def run_pair(steps: int, extra: list[str]):
     port = _free_port()
-    procs = [_launch({"workdir": str(tmp_path / "two"), "override": override, "config": {
-        **changes, "num_train_steps": steps, "distributed.mode": "on",
-        "distributed.coordinator_address": f"127.0.0.1:{port}",
-        "distributed.num_processes": 2, "distributed.process_id": i,
-        "distributed.initialization_timeout_s": 60}}, devices=2) for i in range(2)]
-    results = [_finish(p, timeout=240) for p in procs]
-    for code, out in results:
+    procs = [_launch(tiny_cli_flags(**changes, num_train_steps=steps) + extra + [
+        f"--workdir={tmp_path / 'two'}", "--config.distributed.mode=on",
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+        "--config.distributed.initialization_timeout_s=60"], devices=2) for i in range(2)]
+    for code, out in [_finish(p, timeout=240) for p in procs]:
       assert code == 0, out[-3000:]
 
-  run_pair(4, override=False)        # 4 steps, then a 2-process resume to 6
-  run_pair(6, override=True)
+  run_pair(4, [])                          # 4 steps, then a 2-process resume to 6
+  run_pair(6, ["--override_config"])
   one, two = load_checkpoint(str(tmp_path / "one")), load_checkpoint(str(tmp_path / "two"))
   assert one["step"] == two["step"] == 6
   for a, b in zip(jax.tree.leaves(one["state"]), jax.tree.leaves(two["state"])):
@@ -106,7 +115,8 @@ def test_two_processes_agree_with_one(tmp_path):
   records = read_metrics(str(tmp_path / "two" / "metrics.jsonl"))
   events = [r["event"] for r in records if r["kind"] == "event"]
   assert events.count("start") == 1 and events.count("resumed") == 1   # process 0 only
-  ev_one = [r for r in read_metrics(str(tmp_path / "one" / "metrics.jsonl")) if r["kind"] == "eval"]
+  ev_one = [r for r in read_metrics(str(tmp_path / "one" / "metrics.jsonl"))
+            if r["kind"] == "eval"]
   ev_two = [r for r in records if r["kind"] == "eval"]
   assert [r["step"] for r in ev_one] == [r["step"] for r in ev_two] == [2, 4, 6]
   for a, b in zip(ev_one, ev_two):

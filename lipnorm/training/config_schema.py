@@ -103,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.probes.batch_size = 256
 
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.mode = "auto"            # auto: initialize on TPU pods / SLURM / when an address is set
+  c.distributed.mode = "auto"            # auto / on / off: see lipnorm.training.distributed
   c.distributed.coordinator_address = placeholder(str)  # "host:port" of process 0
   c.distributed.num_processes = placeholder(int)
   c.distributed.process_id = placeholder(int)
