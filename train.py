@@ -30,6 +30,14 @@ _OVERRIDE = flags.DEFINE_bool(
     "(its checkpoint is resumed when compatible).")
 flags.mark_flags_as_required(["config", "workdir"])
 
+from lipnorm.training.config_schema import fields_help  # noqa: E402
+
+__doc__ += f"""
+Config fields and their base defaults (config files change values; `model.*` also takes
+the chosen model's keyword arguments, e.g. depth, width, norm_layers):
+{fields_help()}
+"""
+
 EXIT_BAD_CONFIG = 2
 
 

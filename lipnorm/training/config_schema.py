@@ -111,6 +111,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def fields_help() -> str:
+  """Every field of `base_config()` with its default, one per line (for --help)."""
+  def walk(node, prefix=""):
+    for key in sorted(node.keys()):
+      value = node[key]
+      if isinstance(value, ml_collections.ConfigDict) and value and key != "norm_options":
+        yield from walk(value, f"{prefix}{key}.")
+      else:
+        yield f"  {prefix}{key} = {_plain(value)!r}"
+  return "\n".join(walk(base_config()))
+
+
 def _fail(key: str, value: Any, allowed: str) -> None:
   raise ConfigError(f"config.{key}={value!r} is not allowed; allowed: {allowed}")
 
