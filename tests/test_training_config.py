@@ -13,18 +13,11 @@ from lipnorm.training import ConfigError, base_config, make_optimizer, make_sche
 from lipnorm.training.config_schema import check_batch_sizes, model_kwargs, validate_config
 from lipnorm.training.distributed import cluster_requested
 from lipnorm.training.metrics_writer import MetricsWriter, read_metrics, to_json_value
+from training_helpers import set_fields
 
 
 def _config(**changes):
-  c = base_config()
-  c.model.depth, c.model.width = 3, 8
-  for key, value in changes.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return set_fields(base_config(), {"model.depth": 3, "model.width": 8, **changes})
 
 
 def _error(config) -> str:

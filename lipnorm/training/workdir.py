@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from flax import traverse_util
+
 from lipnorm.training.config_schema import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -29,20 +31,10 @@ def config_as_dict(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict) and v:
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def config_differences(old: dict, new: dict) -> list[str]:
   """`key: old -> new` for every computation-relevant field that differs."""
-  a = {k: v for k, v in _flatten(old).items() if k.split(".")[0] not in _LAUNCH_KEYS}
-  b = {k: v for k, v in _flatten(new).items() if k.split(".")[0] not in _LAUNCH_KEYS}
+  a, b = ({k: v for k, v in traverse_util.flatten_dict(d, sep=".").items()
+           if k.split(".")[0] not in _LAUNCH_KEYS} for d in (old, new))
   return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
           for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
 
