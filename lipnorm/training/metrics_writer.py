@@ -127,7 +127,7 @@ class Progress:
     self.total = total
     self.enabled = enabled
     interactive = sys.stderr.isatty() if interactive is None else interactive
-    self._bar = None
+    self._bar, self._postfix = None, {}
     if enabled and interactive:
       from tqdm import tqdm
       self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
@@ -143,7 +143,8 @@ class Progress:
       return
     fields = {k: record[k] for k in ("loss", "accuracy") if record.get(k) is not None}
     if self._bar is not None:
-      self._bar.set_postfix({f"{record['kind']}_{k}": f"{v:.4g}" for k, v in fields.items()})
+      self._postfix.update({f"{record['kind']}_{k}": f"{v:.4g}" for k, v in fields.items()})
+      self._bar.set_postfix(self._postfix)
       return
     line = f"{record['kind']} step {record['step']}/{self.total}: " + ", ".join(
         f"{k} {v:.4g}" for k, v in fields.items())
