@@ -33,14 +33,8 @@ TINY = {
 HAS_DROPOUT = {"efficientnet_b0"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """These tests compile many tiny graphs and run each once: skip XLA's expensive
-  optimization passes (results are the same up to float rounding)."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+# These tests compile many tiny graphs and run each once.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _kernel_paths(params) -> list[tuple[str, ...]]:
