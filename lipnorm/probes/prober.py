@@ -12,6 +12,16 @@ from lipnorm.probes.layer_stats import (BN_MODES, LayerProbes, assemble, make_pr
 from lipnorm.probes.layout import ProbeLayout, probe_layout
 
 
+def strip_axis_name(model: nn.Module) -> nn.Module:
+  """`model` without a BatchNorm `axis_name` in its `norm_options` (training syncs BN
+  statistics over a pmap axis; probes and Lipschitz measurements run outside pmap, where
+  that axis is unbound). Other models are returned as they are."""
+  opts = getattr(model, "norm_options", None)
+  if opts and "axis_name" in opts:
+    return model.clone(norm_options={k: v for k, v in dict(opts).items() if k != "axis_name"})
+  return model
+
+
 def weight_spectral_norms(model: nn.Module, variables: Any, layout: ProbeLayout,
                           input_shape: Sequence[int]) -> np.ndarray:
   """||W_l||_2 of every linear map in `layout` order: `[L]`, from the Lipschitz engine
