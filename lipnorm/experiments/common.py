@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 from typing import Any, Mapping, Optional
 
@@ -10,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import linen as nn
 
 from lipnorm import lipschitz
 from lipnorm.data import get_dataset
 from lipnorm.models import get_model
 from lipnorm.probes import LayerProber, strip_axis_name
+from lipnorm.probes.lipschitz_metrics import has_batchnorm, lipschitz_metrics
 from lipnorm.training import base_config, build_model as build_training_model
 from lipnorm.training import load_checkpoint, train
 
@@ -64,10 +63,6 @@ def init_variables(model: nn.Module, xs: jax.Array, *, seed: int) -> dict:
   v = model.init({"params": jax.random.key(seed), "dropout": jax.random.key(seed)},
                  jnp.zeros((1, *xs.shape[1:]), xs.dtype), train=False)
   return {k: v[k] for k in ("params", "batch_stats") if k in v}
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-  return bool(lipschitz.model_info.batchnorm_paths(model, {}))
 
 
 def fix_batch_stats(model: nn.Module, variables: Any, xs: jax.Array) -> Any:
@@ -128,50 +123,16 @@ def train_and_load(train_cfg: ml_collections.ConfigDict, workdir: str | pathlib.
   return Run(model, variables, data, summary, workdir)
 
 
-def _safe(fn, *args, **kwargs):
-  """Runs a measurement; non-finite results (a diverged net) become NaN, not a crash."""
-  try:
-    return fn(*args, **kwargs)
-  except (ValueError, FloatingPointError) as e:
-    if "finite" in str(e):
-      return None
-    raise
-
-
 def measure(model: nn.Module, variables: Any, xs: jax.Array, *, bn_mode: str = "eval",
             param: bool = True, bound: bool = True,
             hessian_batch: Optional[Mapping[str, Any]] = None, num_classes: int = 10
             ) -> dict[str, float]:
-  """Lipschitz measurements of one network on the batch `xs` `[n, ...]`:
-  lip_x_{max,mean} (local input), lip_theta_{max,mean} (local parameter, if `param`),
-  bound (sound upper bound on the global input constant, if `bound`), spectral_product
-  (prod ||W_l||_2), norm_factor_product (prod of normalizer factors on `xs`) and
-  hessian_top (top eigenvalue of the training loss's Hessian on `hessian_batch`).
-  BN is measured in `bn_mode` (a `lipnorm.lipschitz` regime); other models ignore it."""
-  mode = bn_mode if has_batchnorm(model) else None
-  nan = float("nan")
-  out: dict[str, float] = {}
-  r = _safe(lipschitz.input_lipschitz, model, variables, xs, bn_mode=mode)
-  v = np.asarray(r.value) if r is not None else np.array([nan])
-  out["lip_x_max"], out["lip_x_mean"] = float(np.max(v)), float(np.mean(v))
-  if param:
-    r = _safe(lipschitz.param_lipschitz, model, variables, xs, bn_mode=mode)
-    v = np.asarray(r.value) if r is not None else np.array([nan])
-    out["lip_theta_max"], out["lip_theta_mean"] = float(np.max(v)), float(np.mean(v))
+  """`lipschitz_metrics` (lip_x_{max,mean}, lip_theta_{max,mean}, bound, hessian_top)
+  plus, from the layer probes on `xs` (eval mode), spectral_product = prod ||W_l||_2
+  and norm_factor_product = prod of the normalizer factors."""
+  out = lipschitz_metrics(model, variables, xs, bn_mode=bn_mode, param=param, bound=bound,
+                          hessian_batch=hessian_batch, num_classes=num_classes)
   probes = LayerProber(model, bn_modes=("eval",))(variables, xs)["eval"]
   out["spectral_product"] = float(np.prod(probes.linear["spectral"]))
   out["norm_factor_product"] = float(np.prod(probes.norm["factor"]))
-  if bound:
-    out["bound"] = bound_value(model, variables, xs)
-  if hessian_batch is not None:
-    out["hessian_top"] = hessian_top(model, variables, hessian_batch, num_classes)
   return out
-
-
-def bound_value(model, variables, xs) -> float:
-  """The engine's sound global upper bound (NaN when it has none)."""
-  raise NotImplementedError("filled in when lipnorm.lipschitz.upper_bound lands")
-
-
-def hessian_top(model, variables, batch, num_classes) -> float:
-  raise NotImplementedError("filled in when lipnorm.lipschitz.hessian_top_eigenvalues lands")
