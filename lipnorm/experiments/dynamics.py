@@ -15,7 +15,7 @@ from typing import Any, Optional
 import ml_collections
 import numpy as np
 
-from lipnorm.experiments import plots
+from lipnorm.experiments import common, plots
 from lipnorm.experiments.fit import fit_growth
 from lipnorm.experiments.records import first_key, read_records, series
 
@@ -26,6 +26,8 @@ EVAL_ACCURACY_KEYS = ("accuracy", "test_accuracy", "eval_accuracy", "eval/accura
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.workdir = ""            # training workdir holding the JSONL log
+  c.train_enabled = False   # first train `train` into `workdir` (default <out_dir>/run)
+  c.train = common.train_config()
   c.out_dir = ""            # where figures go (default: <workdir>/dynamics)
   c.max_layers = 11         # the seed shows the first 11 layers for ResNet18
   c.bn_mode = "batch"       # preferred BN mode of the variances (falls back to eval)
@@ -76,8 +78,17 @@ def _select(n: int, k: int) -> list[int]:
 def run_dynamics(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Writes fig1_weights.png, fig2_variances.png, fig3_selected_layers.png, dynamics.md,
   dynamics.json to `config.out_dir`; returns the summary dict."""
+  if config.train_enabled:
+    if not (config.workdir or config.out_dir):
+      raise ValueError("dynamics: train_enabled needs workdir or out_dir")
+    config.workdir = config.workdir or str(pathlib.Path(config.out_dir) / "run")
+    if not config.train.probes.enabled:
+      raise ValueError("dynamics: train.probes.enabled must be True (the figures are "
+                       "made of probe records)")
+    common.train(config.train, config.workdir)
   if not config.workdir:
-    raise ValueError("dynamics: config.workdir (a training workdir) is required")
+    raise ValueError("dynamics: config.workdir (a training workdir) is required, or "
+                     "train_enabled=True")
   if config.weight_norm not in ("spectral", "frobenius"):
     raise ValueError(f"dynamics: weight_norm={config.weight_norm!r}; allowed: spectral, "
                      f"frobenius")
