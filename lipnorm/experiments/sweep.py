@@ -95,6 +95,8 @@ def _measure_setting(c, data, depth: int, norm: str, k: int, out: pathlib.Path
     model_kwargs["norm_options"] = c.norm_options.to_dict()
   model = common.build_model(c.model_name, data.num_classes, model_kwargs)
   variables = common.init_variables(model, data.images, seed=c.train.seed)
+  if c.bn_mode == "eval":   # running stats (0, 1) at init: use the batch's statistics
+    variables = common.fix_batch_stats(model, variables, data.images)
   results = [{"stage": "init", **common.measure(model, variables, data.images,
                                                  bn_mode=c.bn_mode, param=False)}]
   if c.train_steps > 0:

@@ -42,10 +42,12 @@ class LayerProbeHook:
 
 class LipschitzHook:
   """Every `every` steps, on the first `num_examples` of the probe batch:
-  `<mode>/lip_x_{max,mean}`, `<mode>/lip_theta_{max,mean}`, `<mode>/bound` for each BN
+  `<mode>/lip_x_{max,mean}`, `<mode>/lip_theta_{max,mean}`, `<mode>/bound`,
+  `<mode>/product_bound` (see `lipschitz_metrics.bounds`) for each BN
   mode in `bn_modes` (only "eval" for models without BN), and `hessian_top` (top Hessian
   eigenvalue of the cross-entropy on the first `hessian_examples` probe examples, BN on
-  batch statistics) when `hessian_examples > 0`."""
+  batch statistics; Lanczos, 20 iterations) and `hessian_converged` when
+  `hessian_examples > 0`."""
 
   def __init__(self, model: nn.Module, every: int, *, num_classes: int,
                bn_modes: Sequence[str] = ("eval", "batch_fixed"), num_examples: int = 32,
@@ -70,9 +72,10 @@ class LipschitzHook:
       out.update({f"{mode}/{k}": v for k, v in m.items()})
     if self.hessian_examples and isinstance(probe_batch, Mapping):
       n = self.hessian_examples
-      out["hessian_top"] = hessian_top(
+      top, converged = hessian_top(
           self.model, variables, {"image": probe_batch["image"][:n],
                                   "label": probe_batch["label"][:n]}, self.num_classes)
+      out["hessian_top"], out["hessian_converged"] = top, float(converged)
     return out
 
 
