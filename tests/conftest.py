@@ -7,6 +7,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
+# The partitionable threefry (the default since jax 0.5) costs 2-4 s of XLA compile per
+# new random shape on CPU; the classic one compiles ~10x faster. Tests draw different
+# (equally valid) random numbers; library code is unaffected.
+jax.config.update("jax_threefry_partitionable", False)
 
 import pathlib  # noqa: E402
 
@@ -21,3 +25,14 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real datasets not present at {SHARED_DATA} (only on lipnorm dev machines)")
   return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """For modules that compile many graphs and run each a few times: skip XLA's
+  expensive optimization passes (results equal up to float rounding). Use with
+  `pytestmark = pytest.mark.usefixtures("fast_compiles")`."""
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

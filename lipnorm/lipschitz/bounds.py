@@ -1,0 +1,349 @@
+"""Sound upper bounds on a network's Lipschitz constant, composed from `model.structure()`.
+
+`upper_bound` walks the structure in forward order and gives every node a factor:
+
+  * Linear: the certified `upper` of its exact operator norm (`operator_norms`).
+  * Activation: its global Lipschitz constant (`lipschitz` field).
+  * Pool: avg / global avg (linear, exact norms), max (sqrt(max window overlap)).
+  * Flatten: 1.
+  * Norm (SPEC section 2, `lipnorm.normalizers.lipschitz_factor`):
+      - BN, bn_mode="eval": exactly `max_j |gamma_j| / sqrt(running_var_j + eps)`.
+      - BN, bn_mode="batch_fixed": the affine map with this batch's statistics, from
+        `stats` measured on that batch (`normalizer_stats(..., bn_mode="batch_fixed")`);
+        valid only for those statistics. Without stats: no bound.
+      - BN, bn_mode="batch_coupled": no sound bound (the output of one example depends
+        on the others through the statistics).
+      - LN / GN / IN / RMS: `max|gamma| / sqrt(min sigma^2 + eps)`, the minimum of the
+        normalizer's input statistic (variance; mean square for RMS) over the data in
+        `stats`. This bounds the normalizer's Jacobian norm at every input whose
+        statistic is at least that minimum, so the total bounds `||J_x f(x)||_2` at such
+        inputs (scope "data": e.g. the data the stats came from); it is not a global
+        Lipschitz constant (the variance can approach 0 between data points). Without
+        stats: no bound.
+  * Sequential: product; Residual: `Lip(shortcut) + Lip(branch)` (identity shortcut: 1).
+  * Unbounded: no sound bound (its `reason`); inner layers are still reported.
+
+Totals: `product_bound` is SPEC's unnormalized product (normalizers counted as 1; all
+other factors and the residual rule as above), `normalized_bound` includes the
+normalizer factors and is the sound bound on the model itself (in `scope`);
+`estimate` composes the per-node best estimates the same way (not certified). Where a
+factor has no sound value the totals are `inf`, `sound` is False and `reasons` says why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lipnorm.lipschitz import model_info
+from lipnorm.lipschitz.operator_norms import (DEFAULT_EXACT_MAX_DIM, F64_MARGIN, ConvGeometry,
+                                              OperatorNorm, linear_operator_norm,
+                                              pool_operator_norm)
+from lipnorm.models import structure as st
+
+Path = tuple[str, ...]
+INF = float("inf")
+PER_SAMPLE_NORMS = ("layer", "group", "instance", "rms")
+
+
+@dataclasses.dataclass
+class BoundEntry:
+  """One node's contribution. `upper`: the sound factor used in `normalized_bound`
+  (inf: none); `product_factor`: the factor used in `product_bound` (1 for normalizers);
+  `estimate`: best estimate of the factor (exact where `exact`)."""
+  path: Path
+  kind: str
+  estimate: float
+  upper: float
+  product_factor: float
+  exact: bool
+  notes: str = ""
+  input_shape: tuple = ()
+
+
+@dataclasses.dataclass
+class BoundReport:
+  """The structured result of `upper_bound` (module docstring)."""
+  entries: list
+  product_bound: float
+  normalized_bound: float
+  estimate: float
+  sound: bool
+  scope: str
+  reasons: list
+  bn_mode: str
+  input_shape: tuple
+
+  def norm_factor_product(self) -> float:
+    """Product of the normalizer factors (meaningful for sequential models, where
+    `normalized_bound == product_bound * norm_factor_product()`)."""
+    return math.prod(e.upper for e in self.entries if e.kind.startswith("norm:"))
+
+  def table(self) -> str:
+    """A plain-text table of the entries and totals."""
+    lines = [f"{'path':32s} {'kind':18s} {'estimate':>12s} {'upper':>12s}  notes"]
+    for e in self.entries:
+      lines.append(f"{'/'.join(e.path) or '-':32s} {e.kind:18s} {e.estimate:12.6g} "
+                   f"{e.upper:12.6g}  {e.notes}")
+    lines.append(f"product_bound (unnormalized) = {self.product_bound:.6g}")
+    lines.append(f"normalized_bound = {self.normalized_bound:.6g}  (sound={self.sound}, "
+                 f"scope={self.scope})")
+    lines.append(f"estimate (uncertified) = {self.estimate:.6g}")
+    lines.extend(f"note: {r}" for r in self.reasons)
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- statistics
+
+def normalizer_stats(model, variables: Mapping, xs: jax.Array, *, bn_mode: str = "eval",
+                     batch_size: Optional[int] = None) -> dict[Path, np.ndarray]:
+  """Measured input statistics of every normalizer for `upper_bound(stats=...)`.
+
+  For LN / GN / IN / RMS: the minimum over `xs` (and groups) of the statistic each
+  divides by (`sigma2` of the `norm_stats` collection: variance, mean square for RMS),
+  a scalar. For BN with bn_mode "batch_fixed": this batch's per-channel variance `[C]`
+  (one pass over all of `xs`, no chunking). BN in "eval" needs no stats (running var).
+  `batch_size` chunks the forward passes (per-sample statistics only).
+  """
+  if bn_mode not in model_info.BN_MODES:
+    raise ValueError(f"bn_mode={bn_mode!r}; allowed: {', '.join(model_info.BN_MODES)}")
+  node = model_info.structure_of(model)
+  if node is None:
+    raise ValueError(f"{type(model).__name__} has no structure()")
+  xs = jnp.asarray(xs)
+  model_info.check_batch(model, variables, xs)
+  norms = st.norm_layers(node)
+  kwargs = ({"use_batch_stats": True} if bn_mode != "eval" else {"train": False})
+  apply = jax.jit(lambda v, x: model.apply(v, x, mutable=["norm_stats"], **kwargs)[1])
+  has_batch = any(n.kind == "batch" for n in norms)
+  step = xs.shape[0] if (batch_size is None or (has_batch and bn_mode != "eval")) \
+      else batch_size
+  out: dict[Path, np.ndarray] = {}
+  for start in range(0, xs.shape[0], step):
+    sown = apply(variables, xs[start:start + step]).get("norm_stats", {})
+    for n in norms:
+      if n.kind == "batch" and bn_mode == "eval":
+        continue
+      s = model_info.get_at(sown, n.path)
+      if s is None or "sigma2" not in s:
+        raise ValueError(f"normalizer {'/'.join(n.path)} sowed no 'sigma2' into norm_stats")
+      val = np.asarray(s["sigma2"], np.float64)
+      val = val if n.kind == "batch" else np.asarray(val.min())
+      out[n.path] = val if n.path not in out else np.minimum(out[n.path], val)
+  return out
+
+
+def merge_stats(*stats: Mapping[Path, np.ndarray]) -> dict[Path, np.ndarray]:
+  """Elementwise minimum of several `normalizer_stats` results (the bound then holds on
+  the union of the data they were measured on)."""
+  out: dict[Path, np.ndarray] = {}
+  for s in stats:
+    for k, v in s.items():
+      out[k] = np.asarray(v) if k not in out else np.minimum(out[k], v)
+  return out
+
+
+# ----------------------------------------------------------------------------- factors
+
+def _norm_factor(node: st.Norm, variables: Mapping, bn_mode: str,
+                 stats: Optional[Mapping]) -> tuple[float, bool, str, Optional[str]]:
+  """(factor, exact, notes, scope-or-None-if-unbounded) of one normalizer."""
+  name = "/".join(node.path)
+  if node.kind == "none":
+    return 1.0, True, "identity", "global"
+  params = model_info.get_at(variables.get("params", {}), node.path) or {}
+  scale = params.get("scale")
+  scale = None if scale is None else np.abs(np.asarray(scale, np.float64))
+  eps = node.epsilon
+
+  def factor(sigma2):
+    sigma2 = np.asarray(sigma2, np.float64)
+    if scale is None:
+      return float(np.max(1.0 / np.sqrt(sigma2 + eps)))
+    if sigma2.shape == scale.shape:
+      return float(np.max(scale / np.sqrt(sigma2 + eps)))
+    return float(np.max(scale) / np.sqrt(np.min(sigma2) + eps))
+
+  if node.kind == "batch":
+    if bn_mode == "eval":
+      var = model_info.get_at(variables.get("batch_stats", {}), node.path + ("var",))
+      if var is None:
+        raise ValueError(f"BatchNorm {name}: no batch_stats['{name}']['var'] in variables")
+      return factor(var) * (1 + F64_MARGIN), True, \
+          "BN eval: max|gamma|/sqrt(running_var+eps), exact", "global"
+    if bn_mode == "batch_coupled":
+      return INF, False, "BN differentiated through batch statistics: no sound bound", None
+    if stats is None or node.path not in stats:
+      return INF, False, ("BN batch_fixed needs this batch's variances: pass "
+                          "stats=normalizer_stats(..., bn_mode='batch_fixed')"), None
+    return factor(stats[node.path]) * (1 + F64_MARGIN), True, \
+        "BN with this batch's statistics held fixed", "batch"
+  if node.kind in PER_SAMPLE_NORMS:
+    if stats is None or node.path not in stats:
+      return INF, False, (f"{node.kind} norm needs the measured minimum input variance: "
+                          "pass stats=normalizer_stats(model, variables, xs)"), None
+    sigma2 = float(np.min(stats[node.path]))
+    return factor(sigma2) * (1 + F64_MARGIN), False, \
+        f"max|gamma|/sqrt(min sigma2 + eps), min sigma2 = {sigma2:.4g} over the data", "data"
+  return INF, False, f"unknown normalizer kind {node.kind!r}: no bound", None
+
+
+# ------------------------------------------------------------------------ composition
+
+def _common_prefix(paths: Sequence[Path]) -> Path:
+  paths = [p for p in paths if p]
+  if not paths:
+    return ()
+  out = []
+  for parts in zip(*paths):
+    if len(set(parts)) != 1:
+      break
+    out.append(parts[0])
+  return tuple(out)
+
+
+def _pool_out_shape(pool: st.Pool, shape: tuple) -> tuple:
+  if pool.kind == "global_avg":
+    return (shape[-1],)
+  h, w, c = shape
+  window = tuple(pool.window)
+  geom = ConvGeometry.make((h, w), window, tuple(pool.strides) or window, pool.padding)
+  return (*geom.out_hw, c)
+
+
+def _mul(a: float, b: float) -> float:
+  """Product of Lipschitz factors with 0 * inf = 0 (a zero map makes the rest constant)."""
+  return 0.0 if a == 0 or b == 0 else a * b
+
+
+class _Composer:
+  """Walks the structure, appending entries and returning (product, normalized,
+  estimate, output shape) for each subtree."""
+
+  def __init__(self, variables, calls, bn_mode, stats, conv_kwargs):
+    self.variables, self.calls = variables, calls
+    self.bn_mode, self.stats, self.conv_kwargs = bn_mode, stats, conv_kwargs
+    self.entries: list[BoundEntry] = []
+    self.reasons: list[str] = []
+    self.scopes: set[str] = set()
+
+  def add(self, path, kind, est, upper, prod, exact, notes, shape):
+    self.entries.append(BoundEntry(tuple(path), kind, float(est), float(upper), float(prod),
+                                   bool(exact), notes, tuple(shape)))
+
+  def walk(self, node, shape: tuple):
+    if isinstance(node, st.Sequential):
+      prod = norm = est = 1.0
+      for child in node.layers:
+        p, n, e, shape = self.walk(child, shape)
+        prod, norm, est = _mul(prod, p), _mul(norm, n), _mul(est, e)
+      return prod, norm, est, shape
+    if isinstance(node, st.Linear):
+      call = self.calls.get(node.path)
+      if call is None:
+        raise ValueError(f"Linear node {'/'.join(node.path)} was never called by the model")
+      op = linear_operator_norm(node, self.variables["params"], call, **self.conv_kwargs)
+      self.add(node.path, node.kind, op.estimate, op.upper, op.upper, op.exact,
+               f"{op.method}; {op.notes}", op.input_shape)
+      out_shape = self._out_shape(node, call, op)
+      est = op.estimate if math.isfinite(op.estimate) else op.upper
+      return op.upper, op.upper, est, out_shape
+    if isinstance(node, st.Norm):
+      call = self.calls.get(node.path)
+      if call is not None:
+        shape = tuple(call.in_shape[1:])
+      f, exact, notes, scope = _norm_factor(node, self.variables, self.bn_mode, self.stats)
+      if scope is None:
+        self.reasons.append(f"{'/'.join(node.path)}: {notes}")
+      else:
+        self.scopes.add(scope)
+      self.add(node.path, f"norm:{node.kind}", f, f, 1.0, exact, notes, shape)
+      return 1.0, f, f, shape
+    if isinstance(node, st.Activation):
+      self.add((), f"activation:{node.name}", node.lipschitz, node.lipschitz, node.lipschitz,
+               True, "global Lipschitz constant", shape)
+      return node.lipschitz, node.lipschitz, node.lipschitz, shape
+    if isinstance(node, st.Flatten):
+      self.add((), "flatten", 1.0, 1.0, 1.0, True, "isometry", shape)
+      return 1.0, 1.0, 1.0, (math.prod(shape),)
+    if isinstance(node, st.Pool):
+      if len(shape) != 3:
+        raise ValueError(f"pool {node} needs an [H, W, C] input, got shape {shape}")
+      op = pool_operator_norm(node, shape, **self.conv_kwargs)
+      self.add((), op.kind, op.estimate, op.upper, op.upper, op.exact, op.notes, shape)
+      est = op.estimate if math.isfinite(op.estimate) else op.upper
+      return op.upper, op.upper, est, _pool_out_shape(node, shape)
+    if isinstance(node, st.Residual):
+      start = len(self.entries)
+      if node.shortcut is None:
+        sp = sn = se = 1.0
+      else:
+        sp, sn, se, _ = self.walk(node.shortcut, shape)
+      bp, bn, be, out_shape = self.walk(node.branch, shape)
+      path = _common_prefix([e.path for e in self.entries[start:]])
+      self.add(path, "residual", se + be, sn + bn, sp + bp, False,
+               f"Lip(shortcut) + Lip(branch) = {sn:.4g} + {bn:.4g}", shape)
+      return sp + bp, sn + bn, se + be, out_shape
+    if isinstance(node, st.Unbounded):
+      if node.inner is not None:   # per-layer numbers only; gating keeps the input shape
+        self.walk(node.inner, shape)
+      self.reasons.append(f"{'/'.join(node.path) or 'block'}: {node.reason}")
+      self.add(node.path, "unbounded", INF, INF, INF, False, node.reason, shape)
+      return INF, INF, INF, shape
+    raise ValueError(f"unknown structure node {node!r}")
+
+  def _out_shape(self, node: st.Linear, call, op: OperatorNorm) -> tuple:
+    kernel = model_info.get_at(self.variables["params"], node.path)["kernel"]
+    if node.kind == "dense":
+      return (*op.input_shape[:-1], kernel.shape[-1])
+    geom = ConvGeometry.make(op.input_shape[:2], kernel.shape[:2], node.strides,
+                             node.padding)
+    return (*geom.out_hw, kernel.shape[-1])
+
+
+def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
+                stats: Optional[Mapping] = None, bn_mode: str = "eval",
+                estimate_convs: bool = True, tol: float = 1e-6, num_iters: int = 100,
+                exact_max_dim: int = DEFAULT_EXACT_MAX_DIM, key=None) -> BoundReport:
+  """The bound report of `model` for one example of shape `input_shape` (no batch axis).
+
+  Args:
+    stats: `normalizer_stats(...)` output (min input variances) for LN/GN/IN/RMS and
+      for BN in "batch_fixed"; merge several with `merge_stats`.
+    bn_mode: "eval" (default), "batch_fixed" or "batch_coupled" (module docstring).
+    estimate_convs, tol, num_iters, exact_max_dim, key: for conv / avg-pool operator
+      norms (`operator_norms.conv_operator_norm`); the certified `upper` never depends
+      on the Lanczos estimate.
+  """
+  if bn_mode not in model_info.BN_MODES:
+    raise ValueError(f"bn_mode={bn_mode!r}; allowed: {', '.join(model_info.BN_MODES)}")
+  node = model_info.structure_of(model)
+  if node is None:
+    raise ValueError(f"{type(model).__name__} has no structure(); see lipnorm.models.structure")
+  input_shape = tuple(int(d) for d in input_shape)
+  calls = model_info.module_calls(model, variables, input_shape)
+  comp = _Composer(variables, calls, bn_mode, stats,
+                   dict(estimate=estimate_convs, tol=tol, num_iters=num_iters,
+                        exact_max_dim=exact_max_dim, key=key))
+  prod, norm, est, _ = comp.walk(node, input_shape)
+  sound = math.isfinite(norm)
+  if sound:
+    scope = "data" if "data" in comp.scopes else ("batch" if "batch" in comp.scopes
+                                                  else "global")
+  else:
+    scope = "none"
+  reasons = list(comp.reasons)
+  if scope == "data":
+    reasons.append("LN/GN/IN/RMS factors use the measured minimum input variance: the bound "
+                   "holds for ||J_x f(x)||_2 at inputs whose normalizer input statistics "
+                   "are at least those minima (e.g. the data measured), not globally")
+  if scope == "batch":
+    reasons.append("BN factors use this batch's statistics held fixed (bn_mode "
+                   "'batch_fixed'); valid for those statistics only")
+  return BoundReport(entries=comp.entries, product_bound=prod, normalized_bound=norm,
+                     estimate=est, sound=sound, scope=scope, reasons=reasons,
+                     bn_mode=bn_mode, input_shape=input_shape)

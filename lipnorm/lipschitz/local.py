@@ -1,0 +1,306 @@
+"""Per-example local Lipschitz constants of a Flax model w.r.t. its input and parameters.
+
+`input_lipschitz` gives `||J_x f(x)||_2` and `param_lipschitz` gives
+`||J_theta f(x; theta)||_2` (all parameters flattened into one vector, and optionally
+per layer) for every example of a batch, vmapped (in memory-bounded chunks) and
+jit-compiled.
+
+BatchNorm regimes (`bn_mode`, required when the model has BN; SPEC section 1):
+  * "eval": running statistics; `f(x) = model.apply(v, x[None], train=False)[0]` is a
+    function of one example.
+  * "batch_fixed": this batch's BN statistics (mean, var of each BN input over `xs`) are
+    computed once and held constant; each example is then evaluated alone with them,
+    i.e. BN is the affine map it is in this training step, without the coupling.
+  * "batch_coupled": `f_i(x) = model.apply(v, xs.at[i].set(x), use_batch_stats=True)[i]`:
+    example i's output w.r.t. example i's input with the rest of the batch fixed,
+    differentiating through the batch statistics (running stats are never touched).
+For parameters the same three definitions apply with theta as the variable (in
+"batch_fixed" the statistics are those of the current parameters, held constant).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import struct
+from flax import traverse_util
+from jax.flatten_util import ravel_pytree
+
+from lipnorm.lipschitz import model_info
+from lipnorm.lipschitz.spectral import (DEFAULT_MAX_JACOBIAN_BYTES, HIGHEST,
+                                        SpectralNormResult, check_finite,
+                                        check_iterative_args, check_method, resolve_method,
+                                        spectral_norm_flat)
+from lipnorm.models import structure as st
+
+Path = tuple[str, ...]
+DEFAULT_MAX_MEMORY_BYTES = 4 << 30
+# Gram-matrix products of one iterative estimate that are live at once (linearize
+# residuals + one JVP + one VJP), for the memory estimate.
+_ITERATIVE_LIVE = 3
+
+
+# ------------------------------------------------------------------ per-example functions
+
+def batch_fixed_variables(model: nn.Module, variables: Mapping, xs: jax.Array) -> dict:
+  """`variables` with each BatchNorm's `batch_stats` (mean, var) replaced by the
+  statistics of its input on the batch `xs` (read from the `norm_stats` collection of
+  one forward pass with batch statistics). Evaluating the result in eval mode is BN with
+  this batch's statistics held constant."""
+  _, state = model.apply(variables, xs, use_batch_stats=True, mutable=["norm_stats"])
+  stats = state.get("norm_stats", {})
+  flat = traverse_util.flatten_dict(dict(variables["batch_stats"]))
+  new = {}
+  for key in flat:
+    path, name = key[:-1], key[-1]
+    sown = model_info.get_at(stats, path)
+    if sown is None or name not in sown:
+      raise ValueError(f"batch_fixed: BatchNorm at {'/'.join(path)} sowed no {name!r} into "
+                       "'norm_stats'; use the normalizers of lipnorm.normalizers")
+    new[key] = jnp.asarray(sown[name]).astype(flat[key].dtype)
+  return {**variables, "batch_stats": traverse_util.unflatten_dict(new)}
+
+
+def example_apply(model: nn.Module, mode: str) -> Callable:
+  """`apply_one(variables, xs, x, i)`: the model's output for example i when its input
+  is x, under BN regime `mode` (see module docstring). For "batch_fixed" pass
+  variables from `batch_fixed_variables`."""
+  if mode == "batch_coupled":
+    def apply_one(variables, xs, x, i):
+      return model.apply(variables, xs.at[i].set(x), use_batch_stats=True)[i]
+  else:
+    def apply_one(variables, xs, x, i):
+      del xs, i
+      return model.apply(variables, x[None], train=False)[0]
+  return apply_one
+
+
+def prepare_variables(model: nn.Module, variables: Mapping, xs: jax.Array, mode: str) -> dict:
+  """The variables `example_apply` needs under `mode`: without the `norm_stats`
+  collection, and with this batch's BN statistics substituted for "batch_fixed"."""
+  variables = {k: v for k, v in variables.items() if k != "norm_stats"}
+  if mode == "batch_fixed":
+    variables = batch_fixed_variables(model, variables, xs)
+  return variables
+
+
+def _map(fn: Callable, args: tuple, batch_size: Optional[int]):
+  """vmap of `fn(args)` over the leading axis, in chunks of `batch_size` if given."""
+  n = jax.tree.leaves(args)[0].shape[0]
+  if batch_size is None or batch_size >= n:
+    return jax.vmap(fn)(args)
+  return jax.lax.map(fn, args, batch_size=batch_size)
+
+
+def _keys(key, n: int):
+  key = jax.random.key(0) if key is None else key
+  return jax.random.split(key, n)
+
+
+def _chunk(n: int, per_example_bytes: float, max_memory_bytes: int) -> Optional[int]:
+  size = max(1, int(max_memory_bytes // max(per_example_bytes, 1)))
+  return None if size >= n else size
+
+
+def _products(method: str, in_dim: int, out_dim: int) -> int:
+  return {"jacrev": out_dim, "jacfwd": in_dim}.get(method, _ITERATIVE_LIVE)
+
+
+# ------------------------------------------------------------------------ input Lipschitz
+
+@functools.partial(jax.jit, static_argnames=("static_model", "mode", "method", "num_iters",
+                                             "tol", "batch_size"))
+def _input_impl(static_model, variables, xs, points, keys, *, mode, method, num_iters, tol,
+                batch_size):
+  """Local constants at `points[i]` (example i's input) where the batch `xs` defines
+  the BN statistics ("batch_fixed") or the rest of the batch ("batch_coupled")."""
+  model = static_model.model
+  variables = prepare_variables(model, variables, xs, mode)
+  apply_one = example_apply(model, mode)
+  shape = xs.shape[1:]
+
+  def one(args):
+    x, i, key = args
+
+    def f(v):
+      return ravel_pytree(apply_one(variables, xs, v.reshape(shape), i))[0]
+    return spectral_norm_flat(f, x.reshape(-1), method, num_iters=num_iters, tol=tol,
+                              key=key)[0]
+  return _map(one, (points, jnp.arange(xs.shape[0]), keys), batch_size)
+
+
+def input_lipschitz(model: nn.Module, variables: Mapping, xs: jax.Array, *,
+                    bn_mode: Optional[str] = None, method: str = "auto",
+                    num_iters: int = 100, tol: float = 1e-6, key=None,
+                    batch_size: Optional[int] = None,
+                    max_jacobian_bytes: int = DEFAULT_MAX_JACOBIAN_BYTES,
+                    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+                    points: Optional[jax.Array] = None) -> SpectralNormResult:
+  """Local input Lipschitz constants `||J_x f(x_i)||_2` of every example of `xs`.
+
+  Args:
+    model, variables: a Flax model (`apply(v, x, train=False, use_batch_stats=None)`)
+      and its variables.
+    xs: `[N, ...]` batch of inputs.
+    bn_mode: "eval" | "batch_fixed" | "batch_coupled" (module docstring); required iff
+      the model has BatchNorm.
+    method: see `jacobian_spectral_norm` ("auto": jacrev for 10 logits of a big input).
+    num_iters, tol, key: for the iterative methods (one key per example is split off).
+    batch_size: examples processed at once (vmap chunk); default from `max_memory_bytes`
+      and a per-example estimate (activations x simultaneous products + Jacobian).
+    points: optional `[N, ...]`: evaluate example i's Jacobian at input `points[i]`
+      instead of `xs[i]`, with `xs` still defining the batch statistics / the rest of
+      the batch (used by `lower_bound_search`).
+
+  Returns a `SpectralNormResult` whose fields have a leading axis N (`.value` `[N]`).
+  Raises ValueError for a bad shape, method or bn_mode, and non-finite outputs.
+  """
+  check_method(method)
+  check_iterative_args(num_iters, tol)
+  mode = model_info.resolve_bn_mode(model, variables, bn_mode)
+  xs = jnp.asarray(xs)
+  out_dim, act = model_info.check_batch(model, variables, xs)
+  n = xs.shape[0]
+  in_dim = math.prod(xs.shape[1:])
+  method = resolve_method(method, in_dim, out_dim, xs.dtype.itemsize, max_jacobian_bytes)
+  if batch_size is None:
+    act *= n if mode == "batch_coupled" else 1
+    per = act * _products(method, in_dim, out_dim) + in_dim * out_dim * xs.dtype.itemsize
+    batch_size = _chunk(n, per, max_memory_bytes)
+  points = xs if points is None else jnp.asarray(points)
+  if points.shape != xs.shape:
+    raise ValueError(f"points shape {points.shape} must equal xs shape {xs.shape}")
+  res = _input_impl(model_info.StaticModel(model), variables, xs, points, _keys(key, n),
+                    mode=mode, method=method, num_iters=num_iters, tol=float(tol),
+                    batch_size=batch_size)
+  check_finite(res, "input_lipschitz")
+  return res
+
+
+# -------------------------------------------------------------------- parameter Lipschitz
+
+@struct.dataclass
+class ParamLipschitzResult:
+  """`total`: `||J_theta f(x_i)||_2` over all parameters (fields `[N]`); `per_layer`:
+  the same restricted to each parameter group (dict keyed by group path, see
+  `param_groups`), empty unless requested."""
+  total: SpectralNormResult
+  per_layer: dict
+
+  @property
+  def value(self) -> jax.Array:
+    return self.total.value
+
+
+def param_groups(model: nn.Module, params: Mapping) -> dict[Path, tuple[Path, ...]]:
+  """Partition of the parameter leaves into layers: each leaf goes to the longest
+  Linear / Norm node path of `model.structure()` that prefixes it; leaves outside any
+  node (or models without structure) go to their own module path. Keys in forward
+  order of the structure, then the rest sorted. Values: leaf paths (`params[*leaf]`)."""
+  leaves = sorted(traverse_util.flatten_dict(dict(params)))
+  node = model_info.structure_of(model)
+  node_paths = [n.path for n in st.iter_nodes(node)] if node is not None else []
+  groups: dict[Path, list[Path]] = {p: [] for p in node_paths}
+  for leaf in leaves:
+    owners = [p for p in node_paths if leaf[:len(p)] == p]
+    owner = max(owners, key=len) if owners else leaf[:-1]
+    groups.setdefault(owner, []).append(leaf)
+  return {p: tuple(v) for p, v in groups.items() if v}
+
+
+def _exact_meta(value, finite, method, dtype):
+  zero = jnp.zeros((), dtype)
+  return SpectralNormResult(value=value, iterations=jnp.asarray(0),
+                            converged=jnp.asarray(True), rel_change=zero, residual=zero,
+                            finite=finite & jnp.isfinite(value), method=method)
+
+
+def _gram_norm(gram):
+  return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram)[-1], 0.0))
+
+
+@functools.partial(jax.jit, static_argnames=("static_model", "mode", "method", "num_iters",
+                                             "tol", "batch_size", "groups"))
+def _param_impl(static_model, variables, xs, keys, *, mode, method, num_iters, tol, batch_size,
+                groups):
+  model = static_model.model
+  variables = prepare_variables(model, variables, xs, mode)
+  apply_one = example_apply(model, mode)
+  flat_params = traverse_util.flatten_dict(dict(variables["params"]))
+
+  def f_of(sub: dict, x, i):
+    params = traverse_util.unflatten_dict({**flat_params, **sub})
+    return ravel_pytree(apply_one({**variables, "params": params}, xs, x, i))[0]
+
+  def one(args):
+    x, i, key = args
+    if method == "jacrev":
+      # J = [m, P] as one block per leaf (m VJPs); Gram matrices J_leaf J_leaf^T are
+      # m x m, so no P x P object is ever formed.
+      y, vjp = jax.vjp(lambda p: f_of(p, x, i), flat_params)
+      jac = jax.vmap(lambda c: vjp(c)[0])(jnp.eye(y.size, dtype=y.dtype))
+      grams = {k: jnp.matmul(j.reshape(y.size, -1), j.reshape(y.size, -1).T,
+                             precision=HIGHEST) for k, j in jac.items()}
+      finite = jnp.all(jnp.isfinite(y))
+      total = _exact_meta(_gram_norm(sum(grams.values())), finite, method, y.dtype)
+      per = {g: _exact_meta(_gram_norm(sum(grams[k] for k in ks)), finite, method, y.dtype)
+             for g, ks in groups}
+      return total, per
+
+    def norm_over(leaf_keys, k):
+      sub = {lk: flat_params[lk] for lk in leaf_keys}
+      vec, unravel = ravel_pytree(sub)
+      return spectral_norm_flat(lambda v: f_of(unravel(v), x, i), vec, method,
+                                num_iters=num_iters, tol=tol, key=k)[0]
+    total = norm_over(tuple(flat_params), key)
+    per = {g: norm_over(ks, jax.random.fold_in(key, gi)) for gi, (g, ks) in enumerate(groups)}
+    return total, per
+
+  return _map(one, (xs, jnp.arange(xs.shape[0]), keys), batch_size)
+
+
+def param_lipschitz(model: nn.Module, variables: Mapping, xs: jax.Array, *,
+                    bn_mode: Optional[str] = None, per_layer: bool = False,
+                    method: str = "auto", num_iters: int = 100, tol: float = 1e-6,
+                    key=None, batch_size: Optional[int] = None,
+                    max_jacobian_bytes: int = 1 << 30,
+                    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES
+                    ) -> ParamLipschitzResult:
+  """Local parameter Lipschitz constants `||J_theta f(x_i; theta)||_2` per example.
+
+  theta is `variables["params"]` flattened into one vector (BN running statistics are
+  not parameters). With `per_layer=True` also the norm of the Jacobian w.r.t. each
+  group of `param_groups` (each Linear / Norm layer of `structure()`), the other
+  parameters fixed. Note `max_g ||J_g|| <= ||J|| <= sqrt(sum_g ||J_g||^2)`.
+
+  method "auto": for few outputs (10 logits) "jacrev" — m VJPs give J as per-leaf
+  blocks `[m, ...]` and the norm is read from the `m x m` Gram matrix (never P x P);
+  matrix-free Lanczos when `m * P` floats exceed `max_jacobian_bytes`.
+  Other arguments as in `input_lipschitz`. Returns a `ParamLipschitzResult`.
+  """
+  check_method(method)
+  check_iterative_args(num_iters, tol)
+  mode = model_info.resolve_bn_mode(model, variables, bn_mode)
+  xs = jnp.asarray(xs)
+  if "params" not in variables:
+    raise ValueError(f"variables has no 'params' collection (keys: {sorted(variables)})")
+  out_dim, act = model_info.check_batch(model, variables, xs)
+  n = xs.shape[0]
+  num_params = sum(p.size for p in jax.tree.leaves(variables["params"]))
+  itemsize = jax.tree.leaves(variables["params"])[0].dtype.itemsize
+  method = resolve_method(method, num_params, out_dim, itemsize, max_jacobian_bytes)
+  groups = tuple(param_groups(model, variables["params"]).items()) if per_layer else ()
+  if batch_size is None:
+    act *= n if mode == "batch_coupled" else 1
+    per = act * _products(method, num_params, out_dim) + num_params * out_dim * itemsize
+    batch_size = _chunk(n, per, max_memory_bytes)
+  total, per = _param_impl(model_info.StaticModel(model), variables, xs, _keys(key, n),
+                           mode=mode, method=method, num_iters=num_iters, tol=float(tol),
+                           batch_size=batch_size, groups=groups)
+  check_finite(total, "param_lipschitz")
+  return ParamLipschitzResult(total=total, per_layer=per)

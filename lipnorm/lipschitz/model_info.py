@@ -1,0 +1,164 @@
+"""What the engine reads off a model: its structure metadata, per-module input shapes,
+its BatchNorm layers, and nested-dict access to variables at a path.
+
+Everything here is generic Flax introspection plus `lipnorm.models.structure`; the
+engine never imports model code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import traverse_util
+
+from lipnorm.models import structure as st
+
+Path = tuple[str, ...]
+BN_MODES = ("eval", "batch_fixed", "batch_coupled")
+
+
+def get_at(tree: Mapping, path: Sequence[str], default: Any = None) -> Any:
+  """`tree[path[0]][path[1]]...`, or `default` when a key is missing."""
+  node = tree
+  for key in path:
+    if not isinstance(node, Mapping) or key not in node:
+      return default
+    node = node[key]
+  return node
+
+
+def structure_of(model: nn.Module) -> Optional[st.Node]:
+  """`model.structure()` when the model provides it, else None."""
+  fn = getattr(model, "structure", None)
+  return fn() if callable(fn) else None
+
+
+def batchnorm_paths(model: nn.Module, variables: Mapping) -> list[Path]:
+  """Paths of BatchNorm layers: Norm nodes of kind "batch" in `structure()`, or (for
+  models without structure) every module path holding `batch_stats`."""
+  node = structure_of(model)
+  if node is not None:
+    return [n.path for n in st.norm_layers(node) if n.kind == "batch"]
+  flat = traverse_util.flatten_dict(dict(variables.get("batch_stats", {})))
+  return sorted({k[:-1] for k in flat})
+
+
+def resolve_bn_mode(model: nn.Module, variables: Mapping, bn_mode: Optional[str]) -> str:
+  """The BatchNorm regime to use. Required (one of BN_MODES) when the model has BN;
+  optional otherwise (then "eval", the only meaningful one: f is per example)."""
+  if bn_mode is not None and bn_mode not in BN_MODES:
+    raise ValueError(f"bn_mode={bn_mode!r}; allowed: {', '.join(map(repr, BN_MODES))}")
+  bn = batchnorm_paths(model, variables)
+  if bn and bn_mode is None:
+    raise ValueError(
+        f"the model has BatchNorm at {['/'.join(p) for p in bn]}, so bn_mode is required: "
+        f"one of {', '.join(map(repr, BN_MODES))} ('eval': running statistics; "
+        "'batch_fixed': this batch's statistics held constant; 'batch_coupled': "
+        "differentiate through the batch statistics)")
+  if not bn:
+    return "eval"
+  return bn_mode
+
+
+class StaticModel:
+  """A Flax module as a `jax.jit` static argument. Modules with dict attributes (e.g.
+  `norm_options`) are unhashable; equal modules have equal reprs, so hash that."""
+
+  def __init__(self, model: nn.Module):
+    self.model = model
+
+  def __hash__(self) -> int:
+    try:
+      return hash(self.model)
+    except TypeError:
+      return hash(repr(self.model))
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, StaticModel) and (self.model is other.model
+                                               or self.model == other.model)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleCall:
+  """One module call seen while tracing the model on a single example."""
+  path: Path
+  module_type: str
+  in_shape: tuple[int, ...]
+  out_size: int
+  module: Any   # the bound module (read its attributes only)
+
+
+def module_calls(model: nn.Module, variables: Mapping, input_shape: Sequence[int],
+                 dtype=jnp.float32, **apply_kwargs) -> dict[Path, ModuleCall]:
+  """Input shape (of args[0], batch of 1) of every module call, keyed by module path,
+  found with `nn.intercept_methods` under `jax.eval_shape` (no FLOPs are spent).
+  The first call of a path wins. Raises ValueError when the model rejects the shape."""
+  calls: dict[Path, ModuleCall] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and args and hasattr(args[0], "shape"):
+      path = tuple(context.module.path)
+      if path not in calls:
+        size = sum(math.prod(o.shape) for o in jax.tree.leaves(out) if hasattr(o, "shape"))
+        calls[path] = ModuleCall(path, type(context.module).__name__,
+                                 tuple(args[0].shape), size, context.module)
+    return out
+
+  x = jax.ShapeDtypeStruct((1, *tuple(input_shape)), dtype)
+  apply_kwargs = {"train": False, **apply_kwargs}
+  try:
+    with nn.intercept_methods(interceptor):
+      jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables, x)
+  except Exception as e:  # noqa: BLE001  (report any shape failure as a ValueError)
+    raise ValueError(f"input_shape={tuple(input_shape)} (one example, no batch axis) does "
+                     f"not fit the model {type(model).__name__}: {type(e).__name__}: {e}"
+                     ) from e
+  return calls
+
+
+def _signature(variables: Mapping) -> tuple:
+  flat = traverse_util.flatten_dict(dict(variables))
+  return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in flat.items()))
+
+
+_SHAPE_CACHE: dict = {}
+
+
+def example_sizes(model: nn.Module, variables: Mapping, example_shape: Sequence[int],
+                  dtype=jnp.float32) -> tuple[int, int]:
+  """(output size, rough forward-activation bytes) of one example, traced once per
+  (model, variable shapes, example shape, dtype) and cached: repeated calls in a
+  training loop do not re-trace the model. Raises ValueError when the shape does not
+  fit the model."""
+  key = (StaticModel(model), _signature(variables), tuple(example_shape), str(dtype))
+  if key not in _SHAPE_CACHE:
+    calls = module_calls(model, variables, example_shape, dtype)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
+                         jax.ShapeDtypeStruct((1, *example_shape), dtype))
+    out_size = sum(math.prod(o.shape) for o in jax.tree.leaves(out))
+    act = sum(c.out_size for c in calls.values()) * jnp.dtype(dtype).itemsize
+    if len(_SHAPE_CACHE) > 256:
+      _SHAPE_CACHE.clear()
+    _SHAPE_CACHE[key] = (out_size, act)
+  return _SHAPE_CACHE[key]
+
+
+def check_batch(model: nn.Module, variables: Mapping, xs: jax.Array) -> tuple[int, int]:
+  """ValueError unless `xs` is a finite batch `[N, ...]` the model accepts; returns
+  `example_sizes` (output size, activation bytes of one example)."""
+  if not hasattr(xs, "shape") or xs.ndim < 2 or xs.shape[0] < 1:
+    raise ValueError(f"xs must be a batch [N, ...] with N >= 1, got shape "
+                     f"{getattr(xs, 'shape', type(xs).__name__)}")
+  try:
+    sizes = example_sizes(model, variables, xs.shape[1:], xs.dtype)
+  except ValueError as e:
+    raise ValueError(f"xs of shape {tuple(xs.shape)} does not fit the model "
+                     f"{type(model).__name__}: {e}") from e
+  if not isinstance(xs, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(xs))):
+    raise ValueError("xs contains non-finite values (NaN or inf)")
+  return sizes
