@@ -75,6 +75,12 @@ register(Experiment("sweep", "E1: Lip_x (local, bound) vs depth L and vs normali
 
 
 # ------------------------------------------------------------------------------- compare
+def _tiny_compare_train():
+  c = presets.tiny_train(6)
+  c.probes.lipschitz = False   # layer probes feed E2/E4; E3 measures the final nets itself
+  return c
+
+
 def _compare(train_cfg, out_dir, norms, groups, **kw):
   def make():
     c = compare.default_config()
@@ -91,7 +97,7 @@ CONV_NORMS = ("none", "batch", "layer", "group", "instance", "rms")
 register(Experiment(
     "compare", "E3: one architecture trained with each normalizer: accuracy, gap, "
     "Lipschitz constants, bound, Hessian", compare.default_config, compare.run_compare, {
-        "tiny": _compare(lambda: presets.tiny_train(6), "runs/compare_tiny", DENSE_NORMS, 4,
+        "tiny": _compare(_tiny_compare_train, "runs/compare_tiny", DENSE_NORMS, 4,
                          num_examples=4, num_eval=200, hessian_examples=16),
         "cpu": _compare(lambda: presets.cifar_relu10(1500), "runs/compare_relu10",
                         DENSE_NORMS, 32),

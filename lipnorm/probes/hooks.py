@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from lipnorm.probes.lipschitz_metrics import has_batchnorm, hessian_top, lipschitz_metrics
+from lipnorm.probes.options import PROBE_OPTIONS, validate_probe_options
 from lipnorm.probes.prober import LayerProber, flatten_probes, strip_axis_name
 
 
@@ -79,23 +80,8 @@ class LipschitzHook:
     return out
 
 
-# Options of `config.probes` (with these defaults when a config lacks them).
-PROBE_OPTIONS = {
-    "enabled": False,
-    "every_steps": 100,            # layer statistics (one forward pass + weight norms)
-    "lipschitz_every_steps": 1000,  # Lipschitz constants, bounds, Hessian (0: never)
-    "batch_size": 256,             # probe batch (first examples of the train split)
-    "bn_modes": ("eval", "batch"),  # layer statistics: BN modes (batch: training forward)
-    "spectral": True,              # exact weight operator norms at every probe
-    "lipschitz_examples": 32,      # examples for the local Lipschitz constants
-    "lipschitz_bn_modes": ("eval", "batch_fixed"),
-    "param_lipschitz": True,
-    "bound": True,
-    "hessian_examples": 128,       # 0: no Hessian eigenvalue
-}
-
-
 def probe_option(config: Any, key: str) -> Any:
+  """`config.probes.<key>`, or its default from `PROBE_OPTIONS`."""
   probes = getattr(config, "probes", None)
   if probes is not None and key in probes:
     return probes[key]
@@ -107,6 +93,8 @@ def probe_hook_fns(config: Any, model: nn.Module, num_classes: int
   """(name, every, fn) of the hooks `config.probes` asks for (none when disabled).
   `model` may be the training model (BN synced over a pmap axis): the hooks measure a
   copy without the axis, on the host."""
+  probes = getattr(config, "probes", None)
+  validate_probe_options(dict(probes) if probes is not None else {})
   if not probe_option(config, "enabled"):
     return []
   model = strip_axis_name(model)
@@ -116,7 +104,7 @@ def probe_hook_fns(config: Any, model: nn.Module, num_classes: int
                       bn_modes=probe_option(config, "bn_modes"),
                       spectral=bool(probe_option(config, "spectral"))))]
   every = int(probe_option(config, "lipschitz_every_steps"))
-  if every > 0:
+  if probe_option(config, "lipschitz"):
     hooks.append(("lipschitz", every, LipschitzHook(
         model, every, num_classes=num_classes,
         bn_modes=probe_option(config, "lipschitz_bn_modes"),

@@ -13,6 +13,7 @@ import optax
 from flax import linen as nn
 
 from lipnorm import lipschitz
+from lipnorm.lipschitz.hessian import hessian_top_eigenvalues
 
 NAN = float("nan")
 
@@ -61,7 +62,7 @@ def hessian_top(model: nn.Module, variables: Mapping, batch: Mapping, num_classe
   whether Lanczos met its tolerance). `num_iters` bounds the Lanczos memory
   (num_iters x num_params floats); NaN for a non-finite loss."""
   collections = {k: v for k, v in variables.items() if k not in ("params", "norm_stats")}
-  res = _finite_or_none(lipschitz.hessian_top_eigenvalues, loss_fn(model, num_classes),
+  res = _finite_or_none(hessian_top_eigenvalues, loss_fn(model, num_classes),
                         variables["params"],
                         {"image": jnp.asarray(batch["image"]),
                          "label": jnp.asarray(batch["label"]), "collections": collections},

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from flax import linen as nn
+from flax.core import FrozenDict
 
 from lipnorm.probes.layer_stats import (BN_MODES, LayerProbes, assemble, make_probe_fn)
 from lipnorm.probes.layout import ProbeLayout, probe_layout
@@ -15,10 +16,12 @@ from lipnorm.probes.layout import ProbeLayout, probe_layout
 def strip_axis_name(model: nn.Module) -> nn.Module:
   """`model` without a BatchNorm `axis_name` in its `norm_options` (training syncs BN
   statistics over a pmap axis; probes and Lipschitz measurements run outside pmap, where
-  that axis is unbound). Other models are returned as they are."""
+  that axis is unbound), with the options frozen so the module stays hashable (jit
+  takes models as static arguments). Other models are returned as they are."""
   opts = getattr(model, "norm_options", None)
-  if opts and "axis_name" in opts:
-    return model.clone(norm_options={k: v for k, v in dict(opts).items() if k != "axis_name"})
+  if isinstance(opts, Mapping) and ("axis_name" in opts or not isinstance(opts, FrozenDict)):
+    return model.clone(norm_options=FrozenDict(
+        {k: v for k, v in dict(opts).items() if k != "axis_name"}))
   return model
 
 
