@@ -124,7 +124,8 @@ def _plot(rows, out: pathlib.Path) -> None:
 
 
 def compare_markdown(s: dict) -> str:
-  model = ", ".join(f"{k}={v}" for k, v in s["model"].items() if k != "norm_options")
+  model = ", ".join(f"{k}={v}" for k, v in s["model"].items()
+                    if k not in ("norm", "norm_options"))
   rows = [[r["norm"], *[r.get(k) for k, _ in COLUMNS]] for r in s["rows"]]
   return (f"# E3 normalizer comparison ({model}; BN measured in `{s['bn_mode']}` mode)\n\n"
           "Lipschitz constants are local (spectral norms of Jacobians on a fixed train batch); "

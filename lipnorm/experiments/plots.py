@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -48,16 +48,25 @@ def layer_lines(ax, steps: np.ndarray, values: np.ndarray, *, title: str, ylabel
 
 def lines(ax, x: np.ndarray, ys: Mapping[str, np.ndarray], *, title: str, xlabel: str,
           ylabel: str, log: bool = True, markers: bool = False,
-          styles: Optional[Mapping[str, str]] = None) -> None:
-  """One labelled line per entry of `ys` over a shared or per-entry x."""
+          styles: Optional[Mapping[str, str]] = None,
+          colors: Optional[Mapping[str, Any]] = None) -> None:
+  """One labelled line per entry of `ys` over a shared or per-entry x; optional
+  per-label format strings (`styles`) and colours (`colors`)."""
   for label, y in ys.items():
     xx = x[label] if isinstance(x, Mapping) else x
     style = (styles or {}).get(label, "-")
     kw = {"marker": "o"} if markers else {}
+    if colors and label in colors:
+      kw["color"] = colors[label]
     ax.plot(xx, y, style, ms=3, lw=1.3, label=label, **kw)
   allv = np.concatenate([np.asarray(y, np.float64).reshape(-1) for y in ys.values()]) \
       if ys else np.zeros(0)
   _finish(ax, title, xlabel, ylabel, log and _positive(allv), legend=bool(ys))
+
+
+def color_for(name: str, names: Sequence[str]) -> Any:
+  """A stable colour per name (e.g. per normalizer) from the tab10 cycle."""
+  return plt.get_cmap("tab10")(list(names).index(name) % 10)
 
 
 def bars(ax, names: Sequence[str], values: Sequence[float], *, title: str, ylabel: str,

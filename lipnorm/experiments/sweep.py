@@ -137,7 +137,7 @@ def _plot(points, c, out: pathlib.Path) -> None:
                                ("k", "k", f"normalizers k (depth {c.k_depth})")):
     fig, ax = plots.figure(len(stages))
     for i, stage in enumerate(stages):
-      ys, xs, styles = {}, {}, {}
+      ys, xs, styles, colors = {}, {}, {}, {}
       norms = sorted({p["norm"] for p in _select(points, series, stage)})
       groups = [(n, _select(points, series, stage, n)) for n in norms] if series == "depth" \
           else [(c.norm, _select(points, series, stage))]
@@ -148,8 +148,9 @@ def _plot(points, c, out: pathlib.Path) -> None:
           xs[label] = [p[xkey] for p in pts]
           ys[label] = np.array([p.get(metric, np.nan) for p in pts], np.float64)
           styles[label] = style
+          colors[label] = plots.color_for(norm, ("none", c.norm))
       plots.lines(ax[i], xs, ys, title=f"Lip_x vs {series} ({stage})", xlabel=xlabel,
-                  ylabel="Lipschitz constant", markers=True, styles=styles)
+                  ylabel="Lipschitz constant", markers=True, styles=styles, colors=colors)
     plots.save(fig, out / f"sweep_{series}.png")
 
 
