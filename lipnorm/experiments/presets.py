@@ -30,10 +30,11 @@ def training_config_file(name: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def _with_probes(c: ml_collections.ConfigDict, every: int, lipschitz_every: int
-                 ) -> ml_collections.ConfigDict:
+def _with_probes(c: ml_collections.ConfigDict, every: int, spectral_every: int,
+                 lipschitz_every: int) -> ml_collections.ConfigDict:
   c.probes.enabled = True
   c.probes.every_steps = every
+  c.probes.spectral_every_steps = spectral_every
   c.probes.lipschitz_every_steps = lipschitz_every
   return c
 
@@ -52,9 +53,10 @@ def tiny_train(steps: int = 6) -> ml_collections.ConfigDict:
   c.log_every_steps = 2
   c.eval_every_steps = steps
   c.checkpoint_every_steps = steps
-  _with_probes(c, 2, 3)
+  _with_probes(c, 2, 2, 3)
   c.probes.batch_size = 32
   c.probes.lipschitz_examples = 4
+  c.probes.lipschitz_bn_modes = ("eval", "batch_fixed")
   c.probes.hessian_examples = 16
   return c
 
@@ -68,7 +70,7 @@ def cifar_relu10(steps: int, norm: str = "none") -> ml_collections.ConfigDict:
   c.eval_every_steps = max(steps // 4, 1)
   c.checkpoint_every_steps = steps
   c.keep_checkpoints = 1
-  return _with_probes(c, 50, max(steps // 4, 1))
+  return _with_probes(c, 50, 250, max(steps // 2, 1))
 
 
 def cifar_cnn(steps: int, norm: str = "none") -> ml_collections.ConfigDict:
@@ -86,4 +88,7 @@ def gpu(name: str, epochs: float, norm: str) -> ml_collections.ConfigDict:
   c.model.norm = norm
   c.num_epochs = epochs
   c.keep_checkpoints = 1
-  return _with_probes(c, 200, 2000)
+  c = _with_probes(c, 200, 1000, 2000)
+  c.probes.lipschitz_bn_modes = ("eval", "batch_fixed")
+  c.probes.lipschitz_examples = 32
+  return c

@@ -27,18 +27,24 @@ def probe_inputs(probe_batch: Any) -> jax.Array:
 
 
 class LayerProbeHook:
-  """Per-layer statistics (`LayerProber`) every `every` steps, flattened to lists."""
+  """Per-layer statistics (`LayerProber`) every `every` steps, flattened to lists; the
+  exact weight operator norms (`weight_spectral*` keys) only at steps divisible by
+  `spectral_every` (they cost SVDs / power iterations; 0 = never)."""
 
   def __init__(self, model: nn.Module, every: int, *, bn_modes: Sequence[str] = ("eval",),
-               spectral: bool = True):
+               spectral_every: int = 1):
     if not isinstance(every, int) or every < 1:
       raise ValueError(f"LayerProbeHook every={every!r} must be a positive integer")
-    self.every = every
-    self.prober = LayerProber(model, bn_modes=bn_modes, spectral=spectral)
+    if not isinstance(spectral_every, int) or spectral_every < 0:
+      raise ValueError(f"LayerProbeHook spectral_every={spectral_every!r} must be an "
+                       "integer >= 0")
+    self.every, self.spectral_every = every, spectral_every
+    self.prober = LayerProber(model, bn_modes=bn_modes, spectral=False)
 
   def __call__(self, step: int, variables: Any, probe_batch: Any) -> dict:
-    del step
-    return flatten_probes(self.prober(variables, probe_inputs(probe_batch)))
+    spectral = self.spectral_every > 0 and step % self.spectral_every == 0
+    return flatten_probes(self.prober(variables, probe_inputs(probe_batch),
+                                      spectral=spectral))
 
 
 class LipschitzHook:
@@ -102,7 +108,7 @@ def probe_hook_fns(config: Any, model: nn.Module, num_classes: int
       ("layers", int(probe_option(config, "every_steps")),
        LayerProbeHook(model, int(probe_option(config, "every_steps")),
                       bn_modes=probe_option(config, "bn_modes"),
-                      spectral=bool(probe_option(config, "spectral"))))]
+                      spectral_every=int(probe_option(config, "spectral_every_steps"))))]
   every = int(probe_option(config, "lipschitz_every_steps"))
   if probe_option(config, "lipschitz"):
     hooks.append(("lipschitz", every, LipschitzHook(

@@ -61,10 +61,13 @@ class LayerProber:
     self._fns = {m: make_probe_fn(model, self.layout, use_batch_stats=(m == "batch"))
                  for m in self.bn_modes}
 
-  def __call__(self, variables: Any, x: jax.Array) -> dict[str, LayerProbes]:
-    """{mode: LayerProbes} on probe batch `x` `[N, ...]`."""
+  def __call__(self, variables: Any, x: jax.Array, *, spectral: bool | None = None
+               ) -> dict[str, LayerProbes]:
+    """{mode: LayerProbes} on probe batch `x` `[N, ...]`; `spectral` overrides the
+    constructor's choice for this call."""
+    spectral = self.spectral if spectral is None else spectral
     spectral = (weight_spectral_norms(self.model, variables, self.layout, x.shape[1:])
-                if self.spectral else None)
+                if spectral else None)
     return {m: assemble(m, self.layout, fn(variables, x), spectral)
             for m, fn in self._fns.items()}
 
