@@ -27,6 +27,8 @@ register(Experiment(
         "cpu_bn": _dynamics(lambda: presets.cifar_relu10(2000, "batch"),
                             "runs/dynamics_relu10_bn"),
         "cpu_cnn": _dynamics(lambda: presets.cifar_cnn(2000, "batch"), "runs/dynamics_cnn_bn"),
+        "cpu_resnet18_w16": _dynamics(lambda: presets.cifar_resnet18_narrow(300),
+                                      "runs/dynamics_resnet18_w16", weight_norm="frobenius"),
         "gpu_resnet18": _dynamics(lambda: presets.gpu("resnet18_cifar10", 30, "batch"),
                                   "runs/dynamics_resnet18"),
         "gpu_efficientnet_b3": _dynamics(
@@ -50,10 +52,10 @@ def _sweep_tiny():
 def _sweep_cpu():
   c = sweep.default_config()
   c.out_dir = "runs/sweep_cpu"
-  c.model.width = 256
-  c.depths, c.k_depth, c.ks = (2, 4, 6, 8, 10, 12), 10, (0, 1, 2, 3, 5, 7, 9)
-  c.num_examples, c.train_steps = 64, 300
-  c.train = presets.cifar_relu10(300)
+  c.model.width = 128
+  c.depths, c.k_depth, c.ks = (2, 4, 6, 8, 10), 10, (0, 1, 3, 5, 7, 9)
+  c.num_examples, c.train_steps = 64, 200
+  c.train = presets.cifar_relu10(200)
   c.train.probes.enabled = False
   return c
 
@@ -99,9 +101,9 @@ register(Experiment(
     "Lipschitz constants, bound, Hessian", compare.default_config, compare.run_compare, {
         "tiny": _compare(_tiny_compare_train, "runs/compare_tiny", DENSE_NORMS, 4,
                          num_examples=4, num_eval=200, hessian_examples=16),
-        "cpu": _compare(lambda: presets.cifar_relu10(1500), "runs/compare_relu10",
+        "cpu": _compare(lambda: presets.cifar_relu10(1000), "runs/compare_relu10",
                         DENSE_NORMS, 32),
-        "cpu_cnn": _compare(lambda: presets.cifar_cnn(1500), "runs/compare_cnn", CONV_NORMS, 8),
+        "cpu_cnn": _compare(lambda: presets.cifar_cnn(1000), "runs/compare_cnn", CONV_NORMS, 8),
         "gpu_resnet18": _compare(lambda: presets.gpu("resnet18_cifar10", 30, "none"),
                                  "runs/compare_resnet18", CONV_NORMS, 32, num_examples=128),
         "gpu_efficientnet_b3": _compare(

@@ -83,6 +83,23 @@ def cifar_cnn(steps: int, norm: str = "none") -> ml_collections.ConfigDict:
   return c
 
 
+def cifar_resnet18_narrow(steps: int, width: int = 16, norm: str = "batch"
+                          ) -> ml_collections.ConfigDict:
+  """configs/resnet18_cifar10.py with `width` base channels (64 in the real model) for
+  `steps`: the ResNet-18 architecture (20 convs, 20 BNs) at CPU cost."""
+  c = training_config_file("resnet18_cifar10")
+  c.model.norm = norm
+  c.model.width = width
+  c.num_train_steps = steps
+  c.log_every_steps = 25
+  c.eval_every_steps = max(steps // 2, 1)
+  c.checkpoint_every_steps = steps
+  c.keep_checkpoints = 1
+  # Conv operator norms (with their certified bounds) cost ~1 min per probe on CPU:
+  # only at the first and last step; Figure 1 uses Frobenius norms for this preset.
+  return _with_probes(c, 25, steps, steps)
+
+
 def gpu(name: str, epochs: float, norm: str) -> ml_collections.ConfigDict:
   c = training_config_file(name)
   c.model.norm = norm
