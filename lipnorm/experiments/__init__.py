@@ -26,10 +26,9 @@ register(Experiment(
         "cpu": _dynamics(lambda: presets.cifar_relu10(2000, "none"), "runs/dynamics_relu10"),
         "cpu_bn": _dynamics(lambda: presets.cifar_relu10(2000, "batch"),
                             "runs/dynamics_relu10_bn"),
-        "cpu_cnn": _dynamics(lambda: presets.cifar_cnn(2000, "batch"), "runs/dynamics_cnn_bn",
-                             weight_norm="frobenius"),
+        "cpu_cnn": _dynamics(lambda: presets.cifar_cnn(2000, "batch"), "runs/dynamics_cnn_bn"),
         "cpu_resnet18_w16": _dynamics(lambda: presets.cifar_resnet18_narrow(300),
-                                      "runs/dynamics_resnet18_w16", weight_norm="frobenius"),
+                                      "runs/dynamics_resnet18_w16"),
         "gpu_resnet18": _dynamics(lambda: presets.gpu("resnet18_cifar10", 30, "batch"),
                                   "runs/dynamics_resnet18"),
         "gpu_efficientnet_b3": _dynamics(

@@ -31,7 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.out_dir = ""            # where figures go (default: <workdir>/dynamics)
   c.max_layers = 11         # the seed shows the first 11 layers for ResNet18
   c.bn_mode = "batch"       # preferred BN mode of the variances (falls back to eval)
-  c.weight_norm = "spectral"  # or "frobenius"
+  c.weight_norm = "auto"    # spectral | frobenius | auto (spectral if logged at >= 3 steps)
   c.select_layers = 6       # Figure 3: this many evenly spaced layers
   c.title = ""
   return c
@@ -89,14 +89,19 @@ def run_dynamics(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if not config.workdir:
     raise ValueError("dynamics: config.workdir (a training workdir) is required, or "
                      "train_enabled=True")
-  if config.weight_norm not in ("spectral", "frobenius"):
-    raise ValueError(f"dynamics: weight_norm={config.weight_norm!r}; allowed: spectral, "
-                     f"frobenius")
+  if config.weight_norm not in ("auto", "spectral", "frobenius"):
+    raise ValueError(f"dynamics: weight_norm={config.weight_norm!r}; allowed: auto, "
+                     f"spectral, frobenius")
   out = pathlib.Path(config.out_dir or pathlib.Path(config.workdir) / "dynamics")
   out.mkdir(parents=True, exist_ok=True)
   records = read_records(config.workdir)
   title = config.title or pathlib.Path(config.workdir).name
-  wkey = first_key(records, "probe", [f"weight_{config.weight_norm}", "weight_frobenius"])
+  wanted = config.weight_norm
+  if wanted == "auto":
+    spectral_steps = {r["step"] for r in records
+                      if r.get("kind") == "probe" and "weight_spectral" in r}
+    wanted = "spectral" if len(spectral_steps) >= 3 else "frobenius"
+  wkey = first_key(records, "probe", [f"weight_{wanted}", "weight_frobenius"])
   if wkey is None:
     raise ValueError(f"{config.workdir}: no probe records with weight norms")
   wsteps, wnorms = series(records, "probe", wkey)
