@@ -3,13 +3,12 @@
 `LayerProber(model)(variables, x)` -> {bn_mode: LayerProbes}; `flatten_probes` turns that
 into loggable scalars and per-layer lists. `probe_hooks` builds the training-loop hooks.
 """
-from lipnorm.probes.calibrate import calibrate_batch_stats
 from lipnorm.probes.layer_stats import (BN_MODES, LINEAR_STATS, NORM_STATS_KEYS, LayerProbes,
                                         amplifying_mask, assemble, group_gains, make_probe_fn)
 from lipnorm.probes.layout import ProbeLayout, probe_layout
 from lipnorm.probes.prober import (LayerProber, flatten_probes, strip_axis_name,
                                    weight_spectral_norms)
 
-__all__ = ["calibrate_batch_stats", "BN_MODES", "LINEAR_STATS", "NORM_STATS_KEYS", "LayerProbes", "amplifying_mask",
+__all__ = ["BN_MODES", "LINEAR_STATS", "NORM_STATS_KEYS", "LayerProbes", "amplifying_mask",
            "assemble", "group_gains", "make_probe_fn", "ProbeLayout", "probe_layout",
            "LayerProber", "flatten_probes", "strip_axis_name", "weight_spectral_norms"]
