@@ -175,3 +175,27 @@ def test_prober_rejects_unknown_mode_and_skips_batch_mode_without_bn():
     LayerProber(model, bn_modes=("train",))
   assert LayerProber(model, bn_modes=("eval", "batch"), spectral=False).bn_modes == ("eval",)
 
+
+
+def test_spectral_norms_match_svd_of_the_explicit_linear_maps():
+  """Dense: SVD of the kernel; conv: SVD of the conv map's matrix formed by autodiff at
+  the layer's input size (6x6x2, SAME padding; 3x3x4 with stride 2 for conv_1)."""
+  model = _TinyConvNet()
+  x = jax.random.normal(jax.random.key(3), (5, 6, 6, 2))
+  variables = _randomize(model.init(jax.random.key(0), x), jax.random.key(4))
+  p = LayerProber(model, spectral=True)(variables, x)["eval"]
+  params = variables["params"]
+
+  def conv_matrix(kernel, in_shape, strides):
+    f = lambda v: jax.lax.conv_general_dilated(   # noqa: E731
+        v.reshape(1, *in_shape), kernel, strides, "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(-1)
+    return np.asarray(jax.jacfwd(f)(jnp.zeros(int(np.prod(in_shape)))), np.float64)
+
+  ref = [np.linalg.svd(conv_matrix(params["conv_0"]["kernel"], (6, 6, 2), (1, 1)),
+                       compute_uv=False)[0],
+         np.linalg.svd(conv_matrix(params["conv_1"]["kernel"], (6, 6, 4), (2, 2)),
+                       compute_uv=False)[0],
+         np.linalg.svd(np.asarray(params["head"]["kernel"], np.float64), compute_uv=False)[0]]
+  np.testing.assert_allclose(p.linear["spectral"], ref, rtol=1e-4)
+  np.testing.assert_allclose(p.linear["cumprod_spectral"], np.cumprod(ref), rtol=1e-4)

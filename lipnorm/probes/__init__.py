@@ -1,7 +1,8 @@
 """Per-layer statistics recorded on a fixed probe batch (SPEC section 2, claims C4, C5, C7).
 
 `LayerProber(model)(variables, x)` -> {bn_mode: LayerProbes}; `flatten_probes` turns that
-into loggable scalars and per-layer lists. `probe_hooks` builds the training-loop hooks.
+into loggable scalars and per-layer lists. `lipnorm.probes.hooks.probe_hook_fns` builds
+the training-loop hooks from `config.probes` (`lipnorm.probes.options`).
 """
 from lipnorm.probes.layer_stats import (BN_MODES, LINEAR_STATS, NORM_STATS_KEYS, LayerProbes,
                                         amplifying_mask, assemble, group_gains, make_probe_fn)
