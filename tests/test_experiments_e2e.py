@@ -22,6 +22,9 @@ def test_sweep_tiny(tmp_path):
   stages = {(p["series"], p["stage"]) for p in s["points"]}
   assert stages == {("depth", "init"), ("depth", "trained"), ("k", "init"), ("k", "trained")}
   assert any(f["series"] == "depth" and f["metric"] == "lip_x_max" for f in s["fits"])
+  for p in s["permutation"]:     # C2: exactly a^L
+    assert p["lip_x_max"] == pytest.approx(p["expected"], rel=1e-4)
+    assert p["bound"] == pytest.approx(p["expected"], rel=1e-4)
   assert _png_ok(out / "sweep_depth.png") and _png_ok(out / "sweep_k.png")
   assert "| depth |" in (out / "sweep.md").read_text()
 

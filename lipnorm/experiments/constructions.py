@@ -66,3 +66,23 @@ def _at(tree: dict, path: tuple[str, ...]) -> dict:
   for key in path:
     tree = tree[key]
   return tree
+
+
+def scaled_permutation_variables(model: nn.Module, variables: Any, *, scale: float,
+                                 key: jax.Array) -> dict:
+  """SPEC's exponential construction (claim C2): every dense kernel `scale * P_l` with P_l
+  a random permutation matrix (square layers, no bias). On the positive orthant every
+  ReLU is active, so the network is `x -> scale^L * P x` there and its input Lipschitz
+  constant is exactly `scale^L` (L = number of linear maps)."""
+  layout = probe_layout(model.structure())
+  params = _mutable(variables["params"])
+  for i, path in enumerate(layout.linear_paths):
+    node = _at(params, path)
+    n_in, n_out = node["kernel"].shape
+    if n_in != n_out or "bias" in node or layout.linear_kinds[i] != "dense":
+      raise ValueError(f"scaled_permutation_variables needs square dense layers without "
+                       f"bias; {'/'.join(path)} has kernel {node['kernel'].shape}"
+                       f"{' and a bias' if 'bias' in node else ''}")
+    perm = jax.random.permutation(jax.random.fold_in(key, i), n_in)
+    node["kernel"] = scale * jnp.eye(n_in, dtype=node["kernel"].dtype)[perm]
+  return {**variables, "params": params}

@@ -8,7 +8,8 @@ each measured at initialization and (if `train_steps > 0`) after a short trainin
 the local input Lipschitz constant ||J_x f(x)||_2 on a fixed data batch (max and mean
 over the examples), the sound upper bound of the Lipschitz engine, the product of
 exact weight operator norms and the product of normalizer factors. A log-linear fit
-gives the growth factor per layer (depth) or per normalizer (k).
+gives the growth factor per layer (depth) or per normalizer (k). Also (claim C2) the
+exact construction with kernels a * P_l (permutations) measured against a^L.
 
 At initialization BN running statistics are still (0, 1), so eval mode would not
 normalize at all; for `bn_mode="eval"` they are first set to the batch statistics of
@@ -21,12 +22,15 @@ import json
 import pathlib
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
 from lipnorm.experiments import common, plots
+from lipnorm.experiments.constructions import scaled_permutation_variables
 from lipnorm.experiments.fit import fit_growth
 from lipnorm.experiments.report import markdown_table
+from lipnorm.models import get_model
 
 METRICS = ("lip_x_max", "lip_x_mean", "bound")
 
@@ -45,6 +49,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.bn_mode = "eval"          # BN regime of the measured function (see module docstring)
   c.train_steps = 0           # 0: at initialization only
   c.train = common.train_config()   # data, optimizer, ... of the short training
+  # C2: relu_nets with kernels a * P_l (permutations, width below, no bias) on positive
+  # inputs, where Lip_x = a^L exactly; one depth series per scale a.
+  c.permutation_scales = (1.5,)
+  c.permutation_width = 16
   return c
 
 
@@ -80,7 +88,9 @@ def run_sweep(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for m in measured[key]:
       points.append({"series": series, "depth": depth, "norm": norm, "k": k, **m})
   fits = _fits(points)
+  exact = _permutation_series(c)
   summary = {"norm": c.norm, "bn_mode": c.bn_mode, "points": points, "fits": fits,
+             "permutation": exact,
              "files": ["sweep_depth.png", "sweep_k.png", "sweep.md"]}
   _plot(points, c, out)
   (out / "sweep.json").write_text(json.dumps(summary, indent=1))
@@ -107,6 +117,29 @@ def _measure_setting(c, data, depth: int, norm: str, k: int, out: pathlib.Path
                     **common.measure(run.model, run.variables, data.images,
                                      bn_mode=c.bn_mode, param=False)})
   return results
+
+
+def _permutation_series(c) -> list[dict]:
+  """Measured Lip_x and bound of the a * P_l construction against a^L, per scale a."""
+  out = []
+  key = jax.random.key(0)
+  xs = jax.random.uniform(key, (8, c.permutation_width), minval=0.1, maxval=1.0)
+  for a in c.permutation_scales:
+    for depth in c.depths:
+      model = get_model("relu_net", depth=depth, width=c.permutation_width, norm="none",
+                        use_bias=False, num_classes=c.permutation_width)
+      variables = common.init_variables(model, xs, seed=0)
+      variables = scaled_permutation_variables(model, variables, scale=a,
+                                               key=jax.random.fold_in(key, depth))
+      m = common.measure(model, variables, xs, param=False)
+      out.append({"scale": a, "depth": depth, "expected": a ** depth,
+                  "lip_x_max": m["lip_x_max"], "lip_x_mean": m["lip_x_mean"],
+                  "bound": m["bound"]})
+    pts = [p for p in out if p["scale"] == a]
+    f = fit_growth([p["depth"] for p in pts], [p["lip_x_max"] for p in pts])
+    for p in pts:
+      p["fitted_factor"] = f.factor
+  return out
 
 
 def _select(points, series, stage, norm=None):
@@ -165,6 +198,12 @@ def sweep_markdown(s: dict) -> str:
           "log-linear least-squares fit:\n\n"
           + markdown_table(["series", "stage", "norm", "metric", "factor", "R^2", "points"],
                            fit_rows)
+          + "\n## Exact construction (C2): kernels a * P_l, positive inputs, Lip_x = a^L\n\n"
+          + markdown_table(["a", "L", "a^L", "Lip_x max", "Lip_x mean", "bound",
+                            "fitted factor"],
+                           [[p["scale"], p["depth"], p["expected"], p["lip_x_max"],
+                             p["lip_x_mean"], p["bound"], p["fitted_factor"]]
+                            for p in s["permutation"]])
           + "\n## All points\n\n"
           + markdown_table(["series", "L", "norm", "k", "stage", "Lip_x max", "Lip_x mean",
                             "bound", "prod ||W||_2", "prod norm factors"], rows))
