@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.construction.input_scale = 0.01      # std of the Gaussian inputs
   c.construction.num_examples = 32
   c.construction.seed = 0
+  c.normalizer_check = True              # C3: each normalizer's Jacobian norm vs its factor
   return c
 
 
@@ -62,6 +63,8 @@ def run_regime(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if c.construction.enabled:
     summary["construction"] = _construction_part(c.construction, out)
     summary["files"] += ["regime_construction.png"]
+  if c.normalizer_check:
+    summary["normalizer_check"] = normalizer_check()
   summary["files"].append("regime.md")
   (out / "regime.json").write_text(json.dumps(summary, indent=1))
   (out / "regime.md").write_text(regime_markdown(summary, c))
@@ -156,6 +159,46 @@ def _construction_part(cc, out: pathlib.Path) -> dict[str, Any]:
   return {"points": points, "fits": fits, "config": cc.to_dict()}
 
 
+# ------------------------------------------------------ part C: normalizer factors (C3)
+
+def normalizer_check(scales=(0.1, 1.0, 10.0), n: int = 8, hw: int = 3, channels: int = 8,
+                     seed: int = 0) -> list[dict]:
+  """For each normalizer alone on `[n, hw, hw, channels]` inputs of std `scale` with random
+  gammas: the exact local Jacobian norm of each example's map (float32 SVD of the
+  autodiff Jacobian) divided by `lipschitz_factor(gamma, that example's sigma2, eps)`.
+  BN is in eval mode with running statistics = this batch's, so its map is per example
+  and the ratio must be 1; for LN/GN/IN/RMS the factor is an upper bound (ratio <= 1)."""
+  from lipnorm.normalizers import NORM_STATS, get_normalizer, lipschitz_factor
+  key = jax.random.key(seed)
+  rows = []
+  for kind in ("batch", "layer", "group", "instance", "rms"):
+    opts = {"num_groups": 2} if kind == "group" else {}
+    norm = get_normalizer(kind, **opts)()
+    for scale in scales:
+      x = scale * jax.random.normal(jax.random.fold_in(key, 1), (n, hw, hw, channels))
+      v = norm.init(key, x, use_running_average=True)
+      gamma = 1.0 + 0.5 * jax.random.normal(jax.random.fold_in(key, 2), (channels,))
+      params = {**v["params"], "scale": gamma}
+      v = {**v, "params": params}
+      if kind == "batch":
+        _, st = norm.apply(v, x, use_running_average=False, mutable=[NORM_STATS])
+        s = st[NORM_STATS]
+        v = {**v, "batch_stats": {"mean": s["mean"], "var": s["var"]}}
+      _, st = norm.apply(v, x, use_running_average=True, mutable=[NORM_STATS])
+      sigma2 = np.asarray(st[NORM_STATS]["sigma2"])
+      ratios = []
+      for i in range(n):
+        f = lambda u: norm.apply(v, u.reshape(1, hw, hw, channels),  # noqa: E731
+                                 use_running_average=True).reshape(-1)
+        jac = np.asarray(jax.jacfwd(f)(x[i].reshape(-1)))
+        jnorm = float(np.linalg.svd(jac, compute_uv=False)[0])
+        s2 = sigma2 if kind == "batch" else sigma2[i]
+        ratios.append(jnorm / float(lipschitz_factor(gamma, s2, norm.epsilon)))
+      rows.append({"norm": kind, "input_std": scale, "ratio_min": float(np.min(ratios)),
+                   "ratio_max": float(np.max(ratios))})
+  return rows
+
+
 def regime_markdown(s: dict, c) -> str:
   parts = ["# E4: the amplifying regime (C7)\n",
            "A normalizer group amplifies when its divisor is below its gain: BN channel j "
@@ -188,4 +231,12 @@ def regime_markdown(s: dict, c) -> str:
                   [[p["norm"], p["depth"], p["amplifying_fraction"], p.get("lip_x_max"),
                     p.get("lip_x_mean"), p.get("lip_theta_max"), p.get("bound")]
                    for p in cc["points"]])]
+  if "normalizer_check" in s:
+    parts += ["\n## Normalizer Jacobian norm / factor (C3)\n",
+              "Each normalizer alone, per example: exact local Jacobian norm divided by "
+              "`max|gamma| / sqrt(sigma^2 + eps)` (BN eval: per-channel max, running stats = "
+              "batch stats). 1 = the factor is attained; <= 1 = a valid upper bound.\n",
+              markdown_table(["norm", "input std", "ratio min", "ratio max"],
+                             [[r["norm"], r["input_std"], r["ratio_min"], r["ratio_max"]]
+                              for r in s["normalizer_check"]])]
   return "\n".join(parts)
