@@ -14,13 +14,15 @@ def _png_ok(path):
 
 def test_sweep_tiny(tmp_path):
   out = tmp_path / "sweep"
+  # At init only: the trained stage is the same train_and_load + measure as `compare`
+  # (tested below) and every extra model costs ~10 s of compiles on 2 cores.
   assert cli.main(["sweep", "--preset", "tiny", "--out", str(out), "depths=(2, 3)",
-                   "ks=(0, 2)", "train_steps=2", "train.num_train_steps=2"]) == 0
+                   "ks=(0, 2)", "train_steps=0"]) == 0
   s = json.loads((out / "sweep.json").read_text())
   for p in s["points"]:
     assert p["lip_x_max"] > 0 and p["bound"] >= p["lip_x_max"] * (1 - 1e-4), p
   stages = {(p["series"], p["stage"]) for p in s["points"]}
-  assert stages == {("depth", "init"), ("depth", "trained"), ("k", "init"), ("k", "trained")}
+  assert stages == {("depth", "init"), ("k", "init")}
   assert any(f["series"] == "depth" and f["metric"] == "lip_x_max" for f in s["fits"])
   for p in s["permutation"]:     # C2: exactly a^L
     assert p["lip_x_max"] == pytest.approx(p["expected"], rel=1e-4)

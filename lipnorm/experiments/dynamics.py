@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Optional
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -182,8 +182,8 @@ def dynamics_markdown(s: dict) -> str:
            f"{_fmt(s['variance_cumprod_last_layer'][1])}",
            f"- layers whose weight norm increased: {s['frac_weight_norms_increased']:.0%}; "
            f"whose input variance increased: {s['frac_variances_increased']:.0%}",
-           f"- final cumulative variance product vs depth: x{_fmt(s['variance_cumprod_growth_per_layer_final'])}"
-           f" per layer (log-linear fit, R^2 {_fmt(s['variance_cumprod_fit_r2_final'])})", "",
+           "- final cumulative variance product vs depth: "
+           f"x{_fmt(s['variance_cumprod_growth_per_layer_final'])} per layer (log-linear fit, R^2 {_fmt(s['variance_cumprod_fit_r2_final'])})", "",
            "| quantity | layer | first | last | last/first |", "|---|---|---|---|---|"]
   for r in s["layers"]:
     lines.append(f"| {r['quantity']} | {r['layer']} | {_fmt(r['first'])} | {_fmt(r['last'])} "

@@ -13,7 +13,6 @@ import optax
 from flax import linen as nn
 
 from lipnorm import lipschitz
-from lipnorm.lipschitz.hessian import hessian_top_eigenvalues
 
 NAN = float("nan")
 
@@ -62,7 +61,7 @@ def hessian_top(model: nn.Module, variables: Mapping, batch: Mapping, num_classe
   whether Lanczos met its tolerance). `num_iters` bounds the Lanczos memory
   (num_iters x num_params floats); NaN for a non-finite loss."""
   collections = {k: v for k, v in variables.items() if k not in ("params", "norm_stats")}
-  res = _finite_or_none(hessian_top_eigenvalues, loss_fn(model, num_classes),
+  res = _finite_or_none(lipschitz.hessian_top_eigenvalues, loss_fn(model, num_classes),
                         variables["params"],
                         {"image": jnp.asarray(batch["image"]),
                          "label": jnp.asarray(batch["label"]), "collections": collections},
@@ -76,22 +75,25 @@ def bounds(model: nn.Module, variables: Mapping, xs: jax.Array, bn_mode: str
            ) -> dict[str, float]:
   """The engine's bound report for the function measured in `bn_mode`, with normalizer
   statistics measured on `xs` (so LN/GN/IN/RMS and batch_fixed BN factors hold on this
-  data): {"bound": normalized_bound (inf where none is sound), "product_bound":
-  prod of the linear maps' certified norms (normalizers as 1)}."""
+  data): "bound" = normalized_bound (inf where none is sound), "product_bound" = the
+  same composition with every normalizer counted as 1 (SPEC's unnormalized product
+  prod ||W_l||_2 for sequential nets), "norm_factor_product" = product of the normalizer
+  factors."""
   stats = _finite_or_none(lipschitz.normalizer_stats, model, variables, xs, bn_mode=bn_mode)
   if stats is None:
-    return {"bound": NAN, "product_bound": NAN}
+    return {"bound": NAN, "product_bound": NAN, "norm_factor_product": NAN}
   report = lipschitz.upper_bound(model, variables, input_shape=tuple(xs.shape[1:]),
                                  stats=stats, bn_mode=bn_mode)
-  return {"bound": float(report.normalized_bound), "product_bound": float(report.product_bound)}
+  return {"bound": float(report.normalized_bound), "product_bound": float(report.product_bound),
+          "norm_factor_product": float(report.norm_factor_product())}
 
 
 def lipschitz_metrics(model: nn.Module, variables: Mapping, xs: jax.Array, *,
                       bn_mode: str = "eval", param: bool = True, bound: bool = True,
                       hessian_batch: Optional[Mapping[str, Any]] = None,
                       num_classes: int = 10) -> dict[str, float]:
-  """{lip_x_max, lip_x_mean, [lip_theta_max, lip_theta_mean], [bound, product_bound],
-  [hessian_top, hessian_converged]}.
+  """{lip_x_max, lip_x_mean, [lip_theta_max, lip_theta_mean], [bound, product_bound,
+  norm_factor_product], [hessian_top, hessian_converged]}.
 
   lip_x: ||J_x f(x_i)||_2 over the examples of `xs`; lip_theta: ||J_theta f(x_i)||_2
   (all parameters); BN measured in `bn_mode` ("eval" | "batch_fixed" | "batch_coupled",
