@@ -93,7 +93,11 @@ def _trained_part(c, out: pathlib.Path) -> list[dict]:
   for r in rows:
     if r["norm"] == "none":
       continue
-    records = read_records(r["workdir"])
+    # runs live in <compare out_dir>/runs/<norm>; resolve from compare_dir so a moved
+    # or relatively-invoked comparison still works
+    workdir = pathlib.Path(c.compare_dir) / "runs" / r["norm"] if c.compare_dir \
+        else pathlib.Path(r["workdir"])
+    records = read_records(workdir)
     entry = {"norm": r["norm"], "lip_x_max": r.get("lip_x_max"),
              "lip_theta_max": r.get("lip_theta_max"), "bound": r.get("bound"),
              "test_accuracy": r.get("test_accuracy"), "diverged": r.get("diverged")}
