@@ -26,7 +26,8 @@ Fields (see README "Training" for the full story):
   num_train_steps           > 0, or -1 to derive it from num_epochs.
   num_epochs                used when num_train_steps == -1.
   log_every_steps, eval_every_steps, checkpoint_every_steps, keep_checkpoints.
-  probes.*                  consumed by `lipnorm.training.hooks.build_hooks`.
+  probes.*                  consumed by `lipnorm.training.hooks.build_hooks`; fields,
+                            defaults and checks in `lipnorm.probes.options`.
   distributed.*             multi-host setup, see `lipnorm.training.distributed`.
 """
 from __future__ import annotations
@@ -35,6 +36,8 @@ from typing import Any, Iterable, Optional
 
 import ml_collections
 from ml_collections.config_dict import placeholder
+
+from lipnorm.probes.options import PROBE_OPTIONS, validate_probe_options
 
 BN_STATS_SCOPES = ("global", "per_device")
 DTYPES = ("float32", "bfloat16")
@@ -96,11 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
 
-  c.probes = ml_collections.ConfigDict()
-  c.probes.enabled = False
-  c.probes.every_steps = 100
-  c.probes.lipschitz_every_steps = 1000
-  c.probes.batch_size = 256
+  c.probes = ml_collections.ConfigDict(dict(PROBE_OPTIONS))  # lipnorm.probes.options
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.mode = "auto"            # auto / on / off: see lipnorm.training.distributed
@@ -279,6 +278,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
               "keep_checkpoints", "probes.every_steps", "probes.lipschitz_every_steps",
               "probes.batch_size"):
     _number(config, key, low=1, integer=True)
+  try:
+    validate_probe_options(dict(config.probes))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if config.schedule.warmup_steps and config.num_train_steps != -1 and (
       config.schedule.warmup_steps >= config.num_train_steps):
     _fail("schedule.warmup_steps", config.schedule.warmup_steps,

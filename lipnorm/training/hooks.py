@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Union
 
+from lipnorm.probes.hooks import probe_hook_fns
+
 HookResult = Mapping[str, Union[float, list]]
 
 
@@ -41,10 +43,11 @@ class Hook:
 
 
 def build_hooks(config, model, ds) -> list[Hook]:
-  """The hooks `config.probes` asks for. None yet: `lipnorm.probes` will add them here
-  (reading `config.probes.enabled`, `every_steps`, `lipschitz_every_steps`, ...)."""
-  del config, model, ds
-  return []
+  """The hooks `config.probes` asks for (`lipnorm.probes.hooks.probe_hook_fns`): layer
+  statistics every `probes.every_steps` ("layers") and Lipschitz constants, bounds and
+  the top Hessian eigenvalue every `probes.lipschitz_every_steps` ("lipschitz")."""
+  return [Hook(name, every, fn)
+          for name, every, fn in probe_hook_fns(config, model, ds.info.num_classes)]
 
 
 def run_hooks(hooks: list[Hook], step: int, last_step: int, variables: dict,
