@@ -2,27 +2,10 @@
 warmup epochs' worth of steps, weight decay 5e-4, batch 128, 200 epochs, crop+flip
 augmentation. Norm overridable (`--config.model.norm=group`); bf16 compute with
 `--config.dtype=bfloat16`."""
-from lipnorm.training.config_schema import base_config
+from lipnorm.training.config_schema import cifar10_sgd_recipe
 
 
 def get_config():
-  config = base_config()
-  config.model.name = "efficientnet_b3"
-  config.model.norm = "batch"
-
-  config.data.source = "cifar10"
-  config.data.batch_size = 128
-  config.data.eval_batch_size = 500
-
-  config.optimizer.name = "sgd"
-  config.optimizer.learning_rate = 0.1
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 5e-4
-  config.schedule.name = "cosine"
+  config = cifar10_sgd_recipe("efficientnet_b3")
   config.schedule.warmup_steps = 1950   # 5 epochs of 390 steps
-  config.num_epochs = 200.0
-
-  config.log_every_steps = 100
-  config.eval_every_steps = 2000
-  config.checkpoint_every_steps = 2000
   return config

@@ -110,6 +110,28 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def cifar10_sgd_recipe(model_name: str) -> ml_collections.ConfigDict:
+  """`base_config()` with the standard CIFAR-10 recipe of the GPU/TPU configs: `model_name`
+  with BN, batch 128, SGD momentum 0.9, lr 0.1 cosine, weight decay 5e-4, 200 epochs,
+  crop+flip (the CIFAR default), evaluation and checkpoints every 2000 steps."""
+  config = base_config()
+  config.model.name = model_name
+  config.model.norm = "batch"
+  config.data.source = "cifar10"
+  config.data.batch_size = 128
+  config.data.eval_batch_size = 500
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.momentum = 0.9
+  config.optimizer.weight_decay = 5e-4
+  config.schedule.name = "cosine"
+  config.num_epochs = 200.0
+  config.log_every_steps = 100
+  config.eval_every_steps = 2000
+  config.checkpoint_every_steps = 2000
+  return config
+
+
 def fields_help() -> str:
   """Every field of `base_config()` with its default, one per line (for --help)."""
   def walk(node, prefix=""):
