@@ -25,3 +25,14 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real datasets not present at {SHARED_DATA} (only on lipnorm dev machines)")
   return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """For modules that compile many graphs and run each a few times: skip XLA's
+  expensive optimization passes (results equal up to float rounding). Use with
+  `pytestmark = pytest.mark.usefixtures("fast_compiles")`."""
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

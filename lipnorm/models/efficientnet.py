@@ -118,7 +118,8 @@ class MBConv(nn.Module):
     h = x
     for spec in self.convs[:-1]:
       h = act(conv_norm(spec, h, self.ctx))
-    h = SqueezeExcite(self.se_reduced, self.activation, self.ctx.kernel_init, self.ctx.dtype, name="se")(h)
+    h = SqueezeExcite(self.se_reduced, self.activation, self.ctx.kernel_init, self.ctx.dtype,
+                      name="se")(h)
     h = conv_norm(self.convs[-1], h, self.ctx)
     if not self.residual:
       return h

@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from lipnorm.models import structure as st
 from lipnorm.models.activations import get_activation
-from lipnorm.models.common import NormLayers, normalized_indices
+from lipnorm.models.common import NormLayers, norm_epsilon, normalized_slots
 from lipnorm.normalizers import get_normalizer
 
 
@@ -46,10 +46,7 @@ class ReLUNet(nn.Module):
   def _normalized(self) -> frozenset[int]:
     if self.depth < 1:
       raise ValueError(f"ReLUNet depth={self.depth} must be >= 1")
-    if self.norm == "none":
-      get_normalizer("none")
-      return frozenset()
-    return normalized_indices(self.norm_layers, self.depth - 1)
+    return normalized_slots(self.norm, self.norm_layers, self.depth - 1, self.norm_options)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -74,7 +71,7 @@ class ReLUNet(nn.Module):
 
   def structure(self) -> st.Sequential:
     normalized = self._normalized()
-    eps = (self.norm_options or {}).get("epsilon", 1e-5)
+    eps = norm_epsilon(self.norm_options)
     _, lip = get_activation(self.activation)
     layers: list[st.Node] = [st.Flatten()]
     for i in range(self.depth - 1):

@@ -34,8 +34,9 @@ NORM_STATS = "norm_stats"
 
 
 def _sow_stats(module: nn.Module, mean: Array, var: Array, sigma2: Array) -> None:
-  """Records the statistics of this call (overwriting any earlier call's)."""
-  if not module.is_mutable_collection(NORM_STATS):
+  """Records the statistics of this call (overwriting any earlier call's). Not during
+  init (where every collection is mutable), so `init` returns no `norm_stats`."""
+  if module.is_initializing() or not module.is_mutable_collection(NORM_STATS):
     return
   for name, value in (("mean", mean), ("var", var), ("sigma2", sigma2)):
     module.sow(NORM_STATS, name, value, init_fn=lambda: None, reduce_fn=lambda _, v: v)

@@ -1,0 +1,28 @@
+"""The main job: a 10-layer ReLU net on the embedded 8x8 digits (offline, a few minutes
+on 2 CPU cores). Unnormalized by default; BatchNorm on every hidden layer is one
+override away: `--config.model.norm=batch` (or layer, group, instance, rms)."""
+from lipnorm.training.config_schema import base_config
+
+
+def get_config():
+  config = base_config()
+  config.model.name = "relu_net"
+  config.model.depth = 10          # linear maps: 9 hidden layers + the output layer
+  config.model.width = 128
+  config.model.norm = "none"
+  config.model.norm_layers = "all"
+
+  config.data.source = "digits"
+  config.data.batch_size = 64
+  config.data.eval_batch_size = 256
+
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = 0.05
+  config.optimizer.momentum = 0.9
+  config.schedule.name = "cosine"
+  config.num_epochs = 30.0
+
+  config.log_every_steps = 25
+  config.eval_every_steps = 100
+  config.checkpoint_every_steps = 200
+  return config

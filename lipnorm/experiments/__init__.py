@@ -1,0 +1,137 @@
+"""Paper experiments E1-E4 (SPEC section 4): importable `run_*(config)` functions, each
+writing figures and markdown to `config.out_dir`, and the CLI
+`python -m lipnorm.experiments <sweep|dynamics|compare|regime> [--preset P] [key=value ...]`.
+"""
+from lipnorm.experiments import compare, dynamics, presets, regime, sweep
+from lipnorm.experiments.registry import (EXPERIMENTS, Experiment, get_config, get_experiment,
+                                          register)
+
+
+# ------------------------------------------------------------------------------ dynamics
+def _dynamics(train_cfg, out_dir, **kw):
+  def make():
+    c = dynamics.default_config()
+    c.train_enabled, c.train, c.out_dir = True, train_cfg(), out_dir
+    for k, v in kw.items():
+      c[k] = v
+    return c
+  return make
+
+
+register(Experiment(
+    "dynamics", "E2: seed Figures 1-3 (weight norms, variances over training) from a "
+    "training workdir's JSONL, or after training one", dynamics.default_config,
+    dynamics.run_dynamics, {
+        "tiny": _dynamics(lambda: presets.tiny_train(8), "runs/dynamics_tiny"),
+        "cpu": _dynamics(lambda: presets.cifar_relu10(2000, "none"), "runs/dynamics_relu10"),
+        "cpu_bn": _dynamics(lambda: presets.cifar_relu10(2000, "batch"),
+                            "runs/dynamics_relu10_bn"),
+        "cpu_cnn": _dynamics(lambda: presets.cifar_cnn(2000, "batch"), "runs/dynamics_cnn_bn"),
+        "cpu_resnet18_w16": _dynamics(lambda: presets.cifar_resnet18_narrow(300),
+                                      "runs/dynamics_resnet18_w16"),
+        "gpu_resnet18": _dynamics(lambda: presets.gpu("resnet18_cifar10", 30, "batch"),
+                                  "runs/dynamics_resnet18"),
+        "gpu_efficientnet_b3": _dynamics(
+            lambda: presets.gpu("efficientnet_b3_cifar10", 30, "batch"),
+            "runs/dynamics_efficientnet_b3"),
+    }))
+
+
+# --------------------------------------------------------------------------------- sweep
+def _sweep_tiny():
+  c = sweep.default_config()
+  c.out_dir = "runs/sweep_tiny"
+  c.model.width = 16
+  c.depths, c.k_depth, c.ks = (2, 3), 3, (0, 1, 2)
+  c.num_examples, c.train_steps = 8, 4
+  c.train = presets.tiny_train(4)
+  c.train.probes.enabled = False
+  return c
+
+
+def _sweep_cpu():
+  c = sweep.default_config()
+  c.out_dir = "runs/sweep_cpu"
+  c.model.width = 128
+  c.depths, c.k_depth, c.ks = (2, 4, 6, 8, 10), 10, (0, 1, 3, 5, 7, 9)
+  c.num_examples, c.train_steps = 64, 200
+  c.train = presets.cifar_relu10(200)
+  c.train.probes.enabled = False
+  return c
+
+
+def _sweep_gpu():
+  c = _sweep_cpu()
+  c.out_dir = "runs/sweep_gpu"
+  c.model.width = 1024
+  c.depths, c.k_depth, c.ks = (2, 4, 8, 16, 24, 32), 16, (0, 1, 2, 4, 8, 12, 15)
+  c.num_examples, c.train_steps = 256, 2000
+  c.train = presets.cifar_relu10(2000)
+  c.train.probes.enabled = False
+  return c
+
+
+register(Experiment("sweep", "E1: Lip_x (local, bound) vs depth L and vs normalizer count k",
+                    sweep.default_config, sweep.run_sweep,
+                    {"tiny": _sweep_tiny, "cpu": _sweep_cpu, "gpu": _sweep_gpu}))
+
+
+# ------------------------------------------------------------------------------- compare
+def _tiny_compare_train():
+  c = presets.tiny_train(6)
+  c.probes.lipschitz = False   # layer probes feed E2/E4; E3 measures the final nets itself
+  return c
+
+
+def _compare(train_cfg, out_dir, norms, groups, **kw):
+  def make():
+    c = compare.default_config()
+    c.train, c.out_dir, c.norms = train_cfg(), out_dir, norms
+    c.norm_options.group.num_groups = groups
+    for k, v in kw.items():
+      c[k] = v
+    return c
+  return make
+
+
+DENSE_NORMS = ("none", "batch", "layer", "group", "rms")   # instance: 1 value per group
+CONV_NORMS = ("none", "batch", "layer", "group", "instance", "rms")
+register(Experiment(
+    "compare", "E3: one architecture trained with each normalizer: accuracy, gap, "
+    "Lipschitz constants, bound, Hessian", compare.default_config, compare.run_compare, {
+        "tiny": _compare(_tiny_compare_train, "runs/compare_tiny", DENSE_NORMS, 4,
+                         num_examples=4, num_eval=200, hessian_examples=16),
+        "cpu": _compare(lambda: presets.cifar_relu10(1000), "runs/compare_relu10",
+                        DENSE_NORMS, 32),
+        "cpu_cnn": _compare(lambda: presets.cifar_cnn(1000), "runs/compare_cnn", CONV_NORMS, 8),
+        "gpu_resnet18": _compare(lambda: presets.gpu("resnet18_cifar10", 30, "none"),
+                                 "runs/compare_resnet18", CONV_NORMS, 32, num_examples=128),
+        "gpu_efficientnet_b3": _compare(
+            lambda: presets.gpu("efficientnet_b3_cifar10", 30, "none"),
+            "runs/compare_efficientnet_b3", CONV_NORMS, 8, num_examples=128),
+    }))
+
+
+# -------------------------------------------------------------------------------- regime
+def _regime(compare_preset, out_dir, depths, width):
+  def make():
+    c = regime.default_config()
+    c.out_dir = out_dir
+    c.compare = get_config("compare", compare_preset)
+    c.compare.out_dir = out_dir + "/compare"
+    c.construction.depths, c.construction.width = depths, width
+    if compare_preset == "tiny":
+      c.construction.in_dim, c.construction.num_examples = 8, 4
+    return c
+  return make
+
+
+register(Experiment(
+    "regime", "E4: how often normalizers amplify (sigma < |gamma|) and an explicit "
+    "amplifying BN construction", regime.default_config, regime.run_regime, {
+        "tiny": _regime("tiny", "runs/regime_tiny", (2, 3, 4), 8),
+        "cpu": _regime("cpu", "runs/regime_cpu", (2, 4, 8, 16, 32), 128),
+        "gpu": _regime("gpu_resnet18", "runs/regime_gpu", (2, 4, 8, 16, 32, 64), 512),
+    }))
+
+__all__ = ["EXPERIMENTS", "Experiment", "get_config", "get_experiment", "register"]

@@ -1,0 +1,5 @@
+import sys
+
+from lipnorm.experiments.cli import main
+
+sys.exit(main())

@@ -1,0 +1,15 @@
+"""Per-layer statistics recorded on a fixed probe batch (SPEC section 2, claims C4, C5, C7).
+
+`LayerProber(model)(variables, x)` -> {bn_mode: LayerProbes}; `flatten_probes` turns that
+into loggable scalars and per-layer lists. `lipnorm.probes.hooks.probe_hook_fns` builds
+the training-loop hooks from `config.probes` (`lipnorm.probes.options`).
+"""
+from lipnorm.probes.layer_stats import (BN_MODES, LINEAR_STATS, NORM_STATS_KEYS, LayerProbes,
+                                        amplifying_mask, assemble, group_gains, make_probe_fn)
+from lipnorm.probes.layout import ProbeLayout, probe_layout
+from lipnorm.probes.prober import (LayerProber, flatten_probes, strip_axis_name,
+                                   weight_spectral_norms)
+
+__all__ = ["BN_MODES", "LINEAR_STATS", "NORM_STATS_KEYS", "LayerProbes", "amplifying_mask",
+           "assemble", "group_gains", "make_probe_fn", "ProbeLayout", "probe_layout",
+           "LayerProber", "flatten_probes", "strip_axis_name", "weight_spectral_norms"]

@@ -1,0 +1,121 @@
+"""Training-loop hooks that record probes (used by `lipnorm.training.hooks.build_hooks`).
+
+A hook has `every: int` and `__call__(step, variables, probe_batch) -> dict[str, float |
+list]`; the training loop calls it when `step % every == 0` and writes the result as a
+JSONL record of kind "probe" (and to TensorBoard). Hooks only read `variables`: they
+never touch the optimizer state, the data order or any PRNG key of training, so a run
+with probes on ends with the same parameters as one with probes off.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from lipnorm.probes.lipschitz_metrics import has_batchnorm, hessian_top, lipschitz_metrics
+from lipnorm.probes.options import PROBE_OPTIONS, validate_probe_options
+from lipnorm.probes.prober import LayerProber, flatten_probes, strip_axis_name
+
+
+def probe_inputs(probe_batch: Any) -> jax.Array:
+  """The images of a probe batch (`{"image": [N, ...], "label": [N]}` or an array)."""
+  if isinstance(probe_batch, Mapping):
+    return jnp.asarray(probe_batch["image"])
+  return jnp.asarray(probe_batch)
+
+
+class LayerProbeHook:
+  """Per-layer statistics (`LayerProber`) every `every` steps, flattened to lists; the
+  exact weight operator norms (`weight_spectral*` keys) only at steps divisible by
+  `spectral_every` (they cost SVDs / power iterations; 0 = never)."""
+
+  def __init__(self, model: nn.Module, every: int, *, bn_modes: Sequence[str] = ("eval",),
+               spectral_every: int = 1):
+    if not isinstance(every, int) or every < 1:
+      raise ValueError(f"LayerProbeHook every={every!r} must be a positive integer")
+    if not isinstance(spectral_every, int) or spectral_every < 0:
+      raise ValueError(f"LayerProbeHook spectral_every={spectral_every!r} must be an "
+                       "integer >= 0")
+    self.every, self.spectral_every = every, spectral_every
+    self.prober = LayerProber(model, bn_modes=bn_modes, spectral=False)
+
+  def __call__(self, step: int, variables: Any, probe_batch: Any) -> dict:
+    spectral = self.spectral_every > 0 and step % self.spectral_every == 0
+    return flatten_probes(self.prober(variables, probe_inputs(probe_batch),
+                                      spectral=spectral))
+
+
+class LipschitzHook:
+  """Every `every` steps, on the first `num_examples` of the probe batch:
+  `<mode>/lip_x_{max,mean}`, `<mode>/lip_theta_{max,mean}`, `<mode>/bound`,
+  `<mode>/product_bound` (see `lipschitz_metrics.bounds`) for each BN
+  mode in `bn_modes` (only "eval" for models without BN), and `hessian_top` (top Hessian
+  eigenvalue of the cross-entropy on the first `hessian_examples` probe examples, BN on
+  batch statistics; Lanczos, 20 iterations) and `hessian_converged` when
+  `hessian_examples > 0`."""
+
+  def __init__(self, model: nn.Module, every: int, *, num_classes: int,
+               bn_modes: Sequence[str] = ("eval", "batch_fixed"), num_examples: int = 32,
+               param: bool = True, bound: bool = True, hessian_examples: int = 128):
+    if not isinstance(every, int) or every < 1:
+      raise ValueError(f"LipschitzHook every={every!r} must be a positive integer")
+    if num_examples < 1 or hessian_examples < 0:
+      raise ValueError(f"LipschitzHook num_examples={num_examples!r} must be >= 1 and "
+                       f"hessian_examples={hessian_examples!r} >= 0")
+    self.every, self.model, self.num_classes = every, model, num_classes
+    self.bn_modes = tuple(bn_modes) if has_batchnorm(model) else ("eval",)
+    self.num_examples, self.param, self.bound = num_examples, param, bound
+    self.hessian_examples = hessian_examples
+
+  def __call__(self, step: int, variables: Any, probe_batch: Any) -> dict:
+    del step
+    xs = probe_inputs(probe_batch)[:self.num_examples]
+    out: dict[str, float] = {}
+    for mode in self.bn_modes:
+      m = lipschitz_metrics(self.model, variables, xs, bn_mode=mode, param=self.param,
+                            bound=self.bound)
+      out.update({f"{mode}/{k}": v for k, v in m.items()})
+    if self.hessian_examples and isinstance(probe_batch, Mapping):
+      n = self.hessian_examples
+      top, converged = hessian_top(
+          self.model, variables, {"image": probe_batch["image"][:n],
+                                  "label": probe_batch["label"][:n]}, self.num_classes)
+      out["hessian_top"], out["hessian_converged"] = top, float(converged)
+    return out
+
+
+def probe_option(config: Any, key: str) -> Any:
+  """`config.probes.<key>`, or its default from `PROBE_OPTIONS`."""
+  probes = getattr(config, "probes", None)
+  if probes is not None and key in probes:
+    return probes[key]
+  return PROBE_OPTIONS[key]
+
+
+def probe_hook_fns(config: Any, model: nn.Module, num_classes: int
+                   ) -> list[tuple[str, int, Callable[[int, Any, Any], dict]]]:
+  """(name, every, fn) of the hooks `config.probes` asks for (none when disabled).
+  `model` may be the training model (BN synced over a pmap axis): the hooks measure a
+  copy without the axis, on the host."""
+  probes = getattr(config, "probes", None)
+  validate_probe_options(dict(probes) if probes is not None else {})
+  if not probe_option(config, "enabled"):
+    return []
+  model = strip_axis_name(model)
+  hooks: list[tuple[str, int, Callable]] = [
+      ("layers", int(probe_option(config, "every_steps")),
+       LayerProbeHook(model, int(probe_option(config, "every_steps")),
+                      bn_modes=probe_option(config, "bn_modes"),
+                      spectral_every=int(probe_option(config, "spectral_every_steps"))))]
+  every = int(probe_option(config, "lipschitz_every_steps"))
+  if probe_option(config, "lipschitz"):
+    hooks.append(("lipschitz", every, LipschitzHook(
+        model, every, num_classes=num_classes,
+        bn_modes=probe_option(config, "lipschitz_bn_modes"),
+        num_examples=int(probe_option(config, "lipschitz_examples")),
+        param=bool(probe_option(config, "param_lipschitz")),
+        bound=bool(probe_option(config, "bound")),
+        hessian_examples=int(probe_option(config, "hessian_examples")))))
+  return hooks

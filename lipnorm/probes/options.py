@@ -1,0 +1,57 @@
+"""The `config.probes` fields, their defaults and their checks (no JAX import: the
+training config schema builds its defaults from here)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+LAYER_BN_MODES = ("eval", "batch")
+LIPSCHITZ_BN_MODES = ("eval", "batch_fixed", "batch_coupled")
+
+PROBE_OPTIONS: dict[str, Any] = {
+    "enabled": False,
+    "every_steps": 100,             # layer statistics: one forward pass + weight op norms
+    "lipschitz_every_steps": 1000,  # Lipschitz constants, bounds, Hessian eigenvalue
+    "batch_size": 256,              # the fixed probe batch (first train examples)
+    "bn_modes": ("eval", "batch"),  # layer statistics in these BN modes (batch = training forward)
+    "spectral_every_steps": 500,    # exact weight operator norms at layer probes of steps
+                                    # divisible by this (SVDs / conv power iterations; 0: never)
+    "lipschitz": True,              # run the Lipschitz hook at all
+    "lipschitz_examples": 8,        # examples of the probe batch for local Lipschitz constants
+    "lipschitz_bn_modes": ("eval",),  # add "batch_fixed" for the training-mode function
+    "param_lipschitz": True,        # also ||J_theta f||_2
+    "bound": True,                  # also the engine's upper bound
+    "hessian_examples": 128,        # examples for the loss Hessian's top eigenvalue (0: off)
+}
+
+
+def _subset(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+  if isinstance(value, str) or not value or any(v not in allowed for v in value):
+    raise ValueError(f"config.probes.{name}={value!r} is not allowed; allowed: a non-empty "
+                     f"list of {', '.join(allowed)}")
+
+
+def _int(name: str, value: Any, low: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"config.probes.{name}={value!r} is not allowed; allowed: an integer "
+                     f">= {low}")
+
+
+def _bool(name: str, value: Any) -> None:
+  if not isinstance(value, bool):
+    raise ValueError(f"config.probes.{name}={value!r} is not allowed; allowed: True, False")
+
+
+def validate_probe_options(probes: Mapping[str, Any]) -> None:
+  """ValueError naming the first bad `config.probes` field (unknown keys included)."""
+  unknown = sorted(set(probes) - set(PROBE_OPTIONS))
+  if unknown:
+    raise ValueError(f"unknown config.probes field(s) {unknown}; valid: {sorted(PROBE_OPTIONS)}")
+  get = lambda k: probes[k] if k in probes else PROBE_OPTIONS[k]  # noqa: E731
+  for name in ("enabled", "lipschitz", "param_lipschitz", "bound"):
+    _bool(name, get(name))
+  for name in ("every_steps", "lipschitz_every_steps", "batch_size", "lipschitz_examples"):
+    _int(name, get(name), 1)
+  _int("hessian_examples", get("hessian_examples"), 0)
+  _int("spectral_every_steps", get("spectral_every_steps"), 0)
+  _subset("bn_modes", get("bn_modes"), LAYER_BN_MODES)
+  _subset("lipschitz_bn_modes", get("lipschitz_bn_modes"), LIPSCHITZ_BN_MODES)

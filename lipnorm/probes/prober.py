@@ -1,0 +1,108 @@
+"""`LayerProber`: the per-layer statistics of `layer_stats` plus exact weight operator
+norms, for one or both BatchNorm modes, and their flattening to loggable values."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax.core import FrozenDict
+
+from lipnorm.probes.layer_stats import (BN_MODES, LayerProbes, assemble, make_probe_fn)
+from lipnorm.probes.layout import ProbeLayout, probe_layout
+
+
+def strip_axis_name(model: nn.Module) -> nn.Module:
+  """`model` without a BatchNorm `axis_name` in its `norm_options` (training syncs BN
+  statistics over a pmap axis; probes and Lipschitz measurements run outside pmap, where
+  that axis is unbound), with the options frozen so the module stays hashable (jit
+  takes models as static arguments). Other models are returned as they are."""
+  opts = getattr(model, "norm_options", None)
+  if isinstance(opts, Mapping) and ("axis_name" in opts or not isinstance(opts, FrozenDict)):
+    return model.clone(norm_options=FrozenDict(
+        {k: v for k, v in dict(opts).items() if k != "axis_name"}))
+  return model
+
+
+def weight_spectral_norms(model: nn.Module, variables: Any, layout: ProbeLayout,
+                          input_shape: Sequence[int]) -> np.ndarray:
+  """||W_l||_2 of every linear map in `layout` order: `[L]`, from the Lipschitz engine
+  (exact SVD for dense maps, operator norm of the whole conv map at its input size)."""
+  from lipnorm.lipschitz import layer_operator_norms
+  norms = layer_operator_norms(model, variables, input_shape=tuple(input_shape))
+  return np.array([float(norms[p].estimate) for p in layout.linear_paths], np.float64)
+
+
+class LayerProber:
+  """Probes a fixed model on batches; the jitted cores are built once per BN mode.
+
+  Args:
+    model: a zoo model (anything with `structure()` and the `apply` contract).
+    bn_modes: subset of ("eval", "batch"); "batch" is only run when the model has a
+      BatchNorm (for every other normalizer both modes are the same computation).
+    spectral: also compute each weight's exact operator norm (costs one call into the
+      Lipschitz engine per probe; weights do not depend on the BN mode).
+  """
+
+  def __init__(self, model: nn.Module, *, bn_modes: Sequence[str] = ("eval",),
+               spectral: bool = True):
+    bad = [m for m in bn_modes if m not in BN_MODES]
+    if bad or not bn_modes:
+      raise ValueError(f"bn_modes={list(bn_modes)!r}; allowed: a non-empty subset of "
+                       f"{list(BN_MODES)}")
+    self.model = model
+    self.layout = probe_layout(model.structure())
+    has_bn = "batch" in self.layout.norm_kinds
+    self.bn_modes = tuple(m for m in dict.fromkeys(bn_modes) if m == "eval" or has_bn)
+    if not self.bn_modes:   # asked only for "batch" on a model without BN: same as eval
+      self.bn_modes = ("eval",)
+    self.spectral = spectral
+    self._fns = {m: make_probe_fn(model, self.layout, use_batch_stats=(m == "batch"))
+                 for m in self.bn_modes}
+
+  def __call__(self, variables: Any, x: jax.Array, *, spectral: bool | None = None
+               ) -> dict[str, LayerProbes]:
+    """{mode: LayerProbes} on probe batch `x` `[N, ...]`; `spectral` overrides the
+    constructor's choice for this call."""
+    spectral = self.spectral if spectral is None else spectral
+    spectral = (weight_spectral_norms(self.model, variables, self.layout, x.shape[1:])
+                if spectral else None)
+    return {m: assemble(m, self.layout, fn(variables, x), spectral)
+            for m, fn in self._fns.items()}
+
+
+def _floats(a: np.ndarray) -> list[float]:
+  return [float(v) for v in np.asarray(a).reshape(-1)]
+
+
+def flatten_probes(probes: Mapping[str, LayerProbes]) -> dict[str, float | list[float]]:
+  """Loggable values: per-layer lists (forward order) and scalars.
+
+  Keys: `weight_{spectral,frobenius}` and `weight_cumprod_{spectral,frobenius}` (lists
+  over linear layers) with `weight_{spectral,frobenius}_product`; per BN mode m:
+  `m/preact_var_{min,mean,median}` (lists over linear layers), `m/norm_<stat>` (lists
+  over normalizers, for every NORM_STATS_KEYS entry and the cumprods),
+  `m/norm_factor_product`, `m/norm_var_mean_product` and `m/amplifying_fraction` (all
+  amplifying groups / all groups of all normalizers).
+  """
+  out: dict[str, float | list[float]] = {}
+  first = next(iter(probes.values()))
+  for name in ("spectral", "frobenius"):
+    if name in first.linear:
+      out[f"weight_{name}"] = _floats(first.linear[name])
+      out[f"weight_cumprod_{name}"] = _floats(first.linear[f"cumprod_{name}"])
+      out[f"weight_{name}_product"] = float(np.prod(first.linear[name]))
+  for mode, p in probes.items():
+    for stat in ("preact_var_min", "preact_var_mean", "preact_var_median"):
+      out[f"{mode}/{stat}"] = _floats(p.linear[stat])
+    for stat, values in p.norm.items():
+      if stat != "groups":
+        out[f"{mode}/norm_{stat}"] = _floats(values)
+    if p.layout.num_norm:
+      groups = p.norm["groups"]
+      out[f"{mode}/norm_factor_product"] = float(np.prod(p.norm["factor"]))
+      out[f"{mode}/norm_var_mean_product"] = float(np.prod(p.norm["var_mean"]))
+      out[f"{mode}/amplifying_fraction"] = float(
+          np.sum(p.norm["amplifying_fraction"] * groups) / np.sum(groups))
+  return out

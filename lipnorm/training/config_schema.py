@@ -1,0 +1,323 @@
+"""The training config: every field with its default (`base_config`) and its checks.
+
+A config file in `configs/` starts from `base_config()` and changes values; it may add
+keys only under `config.model` (they are keyword arguments of the chosen model, checked
+by `lipnorm.models.get_model`). Any other key that `base_config()` does not have is an
+error, so a typo such as `optimizer.momemtum` cannot be silently ignored.
+
+Fields (see README "Training" for the full story):
+  seed                      int, seeds parameter init, data order and dropout.
+  model.name, model.norm    model / normalizer registry names; other `model.*` keys are
+                            model kwargs (`depth`, `width`, `norm_layers`, ...).
+  model.norm_options        normalizer options (`epsilon`, `momentum`, `num_groups`, ...).
+  bn_stats                  "global": BN batch statistics over the global batch (synced
+                            over the pmap axis); "per_device": over each device's shard.
+                            Running statistics are identical on every replica either way.
+  dtype                     "float32" or "bfloat16" (compute dtype; params stay float32).
+  data.*                    passed to `lipnorm.data.get_dataset` (batch sizes are GLOBAL;
+                            source, data_dir, augment, standardize, num_train/num_test
+                            subsets, digits_test_fraction, prefetch, crop_padding).
+  optimizer.*               name (sgd, adam, adamw), learning_rate, momentum, nesterov,
+                            b1, b2, eps, weight_decay, grad_clip_norm (0 = off).
+  schedule.*                name (constant, cosine, step), warmup_steps (linear warmup
+                            prepended to any schedule), final_lr_fraction (cosine),
+                            step_boundaries (fractions of training), step_factor.
+  label_smoothing           in [0, 1).
+  num_train_steps           > 0, or -1 to derive it from num_epochs.
+  num_epochs                used when num_train_steps == -1.
+  log_every_steps, eval_every_steps, checkpoint_every_steps, keep_checkpoints.
+  probes.*                  consumed by `lipnorm.training.hooks.build_hooks`; fields,
+                            defaults and checks in `lipnorm.probes.options`.
+  distributed.*             multi-host setup, see `lipnorm.training.distributed`.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from lipnorm.probes.options import PROBE_OPTIONS, validate_probe_options
+
+BN_STATS_SCOPES = ("global", "per_device")
+DTYPES = ("float32", "bfloat16")
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
+class ConfigError(ValueError):
+  """A bad config value; its message is one line naming the key, value and what is allowed."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every training field with its default. Config files override values, not keys."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "relu_net"
+  c.model.norm = "none"
+  c.model.norm_options = ml_collections.ConfigDict()
+  c.bn_stats = "global"
+  c.dtype = "float32"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "digits"
+  c.data.data_dir = placeholder(str)
+  c.data.batch_size = 128
+  c.data.eval_batch_size = 256
+  c.data.augment = placeholder(bool)     # None: the dataset's own default
+  c.data.standardize = True
+  c.data.num_train = placeholder(int)    # None: the whole split
+  c.data.num_test = placeholder(int)
+  c.data.digits_test_fraction = 0.2      # digits: test share of the stratified split
+  c.data.prefetch = 2                    # batches prepared ahead in a thread (0 = none)
+  c.data.crop_padding = 4                # augmentation: zero padding for the random crop
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.momentum = 0.9             # sgd
+  c.optimizer.nesterov = False           # sgd
+  c.optimizer.b1 = 0.9                   # adam, adamw
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.0         # sgd/adam: L2 added to the gradient; adamw: decoupled
+  c.optimizer.grad_clip_norm = 0.0       # clip by global norm; 0 = off
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "cosine"
+  c.schedule.warmup_steps = 0
+  c.schedule.final_lr_fraction = 0.0     # cosine: lr at the last step / peak lr
+  c.schedule.step_boundaries = (0.5, 0.75)  # step: fractions of the post-warmup steps
+  c.schedule.step_factor = 0.1           # step: lr multiplier at each boundary
+
+  c.label_smoothing = 0.0
+  c.num_train_steps = -1
+  c.num_epochs = 10.0
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+
+  c.probes = ml_collections.ConfigDict(dict(PROBE_OPTIONS))  # lipnorm.probes.options
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.mode = "auto"            # auto / on / off: see lipnorm.training.distributed
+  c.distributed.coordinator_address = placeholder(str)  # "host:port" of process 0
+  c.distributed.num_processes = placeholder(int)
+  c.distributed.process_id = placeholder(int)
+  c.distributed.initialization_timeout_s = 300
+  return c
+
+
+def cifar10_sgd_recipe(model_name: str) -> ml_collections.ConfigDict:
+  """`base_config()` with the standard CIFAR-10 recipe of the GPU/TPU configs: `model_name`
+  with BN, batch 128, SGD momentum 0.9, lr 0.1 cosine, weight decay 5e-4, 200 epochs,
+  crop+flip (the CIFAR default), evaluation and checkpoints every 2000 steps."""
+  config = base_config()
+  config.model.name = model_name
+  config.model.norm = "batch"
+  config.data.source = "cifar10"
+  config.data.batch_size = 128
+  config.data.eval_batch_size = 500
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.momentum = 0.9
+  config.optimizer.weight_decay = 5e-4
+  config.schedule.name = "cosine"
+  config.num_epochs = 200.0
+  config.log_every_steps = 100
+  config.eval_every_steps = 2000
+  config.checkpoint_every_steps = 2000
+  return config
+
+
+def fields_help() -> str:
+  """Every field of `base_config()` with its default, one per line (for --help)."""
+  def walk(node, prefix=""):
+    for key in sorted(node.keys()):
+      value = node[key]
+      if isinstance(value, ml_collections.ConfigDict) and value and key != "norm_options":
+        yield from walk(value, f"{prefix}{key}.")
+      else:
+        yield f"  {prefix}{key} = {_plain(value)!r}"
+  return "\n".join(walk(base_config()))
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+  raise ConfigError(f"config.{key}={value!r} is not allowed; allowed: {allowed}")
+
+
+def _one_of(config, key: str, names: Iterable[str]) -> None:
+  value = _get(config, key)
+  names = list(names)
+  if value not in names:
+    _fail(key, value, ", ".join(map(str, names)))
+
+
+def _get(config, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def _number(config, key: str, *, low: Optional[float] = None, high: Optional[float] = None,
+            low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+  value = _get(config, key)
+  kind = "an integer" if integer else "a number"
+  ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+  ok = ok and not isinstance(value, bool)
+  if ok and low is not None:
+    ok = value > low if low_open else value >= low
+  if ok and high is not None:
+    ok = value < high if high_open else value <= high
+  if not ok:
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+    _fail(key, value, f"{kind} {' and '.join(s for s in (lo, hi) if s)}".strip())
+
+
+def _unknown_keys(config, reference, prefix: str = "") -> list[str]:
+  """Dotted keys of `config` missing from `reference` (`model.*` is open for model kwargs)."""
+  out = []
+  for key in config.keys():
+    dotted = f"{prefix}{key}"
+    if key not in reference:
+      if not dotted.startswith("model."):
+        out.append(dotted)
+      continue
+    sub, ref = config[key], reference[key]
+    if isinstance(ref, ml_collections.ConfigDict) and dotted != "model.norm_options":
+      if not isinstance(sub, (ml_collections.ConfigDict, dict)):
+        _fail(dotted, sub, "a group of fields")
+      out += _unknown_keys(sub, ref, dotted + ".")
+  return out
+
+
+def model_kwargs(config) -> dict[str, Any]:
+  """Keyword arguments for `get_model` from `config.model` (minus `name`), plain Python.
+
+  `norm_layers` given as a string on the command line is read as "all", an int ("3")
+  or a list of indices ("0,2,4" or "[0, 2, 4]").
+  """
+  kwargs = {k: _plain(v) for k, v in config.model.items() if k != "name"}
+  if isinstance(kwargs.get("norm_layers"), str) and kwargs["norm_layers"] != "all":
+    kwargs["norm_layers"] = _parse_layers(kwargs["norm_layers"])
+  kwargs["norm_options"] = dict(kwargs.get("norm_options") or {})
+  if not kwargs["norm_options"]:
+    del kwargs["norm_options"]
+  return kwargs
+
+
+def _parse_layers(text: str) -> Any:
+  parts = [p for p in text.strip().strip("[]()").replace(",", " ").split() if p]
+  if not parts or not all(p.lstrip("-").isdigit() for p in parts):
+    _fail("model.norm_layers", text, "'all', an int k (the first k) or a list like 0,2,4")
+  if len(parts) == 1 and not text.strip().startswith(("[", "(")) and "," not in text:
+    return int(parts[0])
+  return tuple(int(p) for p in parts)
+
+
+def _plain(value: Any) -> Any:
+  if isinstance(value, ml_collections.ConfigDict):
+    return value.to_dict()
+  if isinstance(value, list):
+    return tuple(value)
+  return value
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks every field before any work; raises ConfigError (one line) on the first problem.
+
+  Device-count checks (batch divisibility) happen in `check_batch_sizes` once JAX knows
+  the devices.
+  """
+  # Imported here: the registries live in modules that import JAX/Flax.
+  from lipnorm.data import dataset_names
+  from lipnorm.models import get_model, model_names
+  from lipnorm.normalizers import get_normalizer, normalizer_names
+  from lipnorm.training.optim import optimizer_names, schedule_names
+
+  unknown = _unknown_keys(config, base_config())
+  if unknown:
+    parent = unknown[0].rpartition(".")[0]
+    valid = sorted(_get(base_config(), parent).keys()) if parent else sorted(base_config().keys())
+    _fail(unknown[0], _get(config, unknown[0]),
+          f"no such key; valid keys{' in config.' + parent if parent else ''}: {', '.join(valid)}")
+
+  _number(config, "seed", low=0, integer=True)
+  _one_of(config, "model.name", model_names())
+  _one_of(config, "model.norm", normalizer_names())
+  _one_of(config, "bn_stats", BN_STATS_SCOPES)
+  _one_of(config, "dtype", DTYPES)
+  norm_options = dict(config.model.norm_options or {})
+  if "axis_name" in norm_options:
+    _fail("model.norm_options.axis_name", norm_options["axis_name"],
+          "not set by hand; choose config.bn_stats (global or per_device)")
+  try:
+    get_normalizer(config.model.norm, **norm_options)
+  except ValueError as e:
+    raise ConfigError(f"config.model.norm_options={norm_options!r}: {e}") from None
+  kwargs = model_kwargs(config)
+  try:
+    get_model(config.model.name, num_classes=2, **kwargs).structure()
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.model ({config.model.name}): {e}") from None
+
+  _one_of(config, "data.source", dataset_names())
+  _number(config, "data.batch_size", low=1, integer=True)
+  _number(config, "data.eval_batch_size", low=1, integer=True)
+  for key in ("data.num_train", "data.num_test"):
+    if _get(config, key) is not None:
+      _number(config, key, low=1, integer=True)
+
+  _one_of(config, "optimizer.name", optimizer_names())
+  _number(config, "optimizer.learning_rate", low=0, low_open=True)
+  _number(config, "optimizer.momentum", low=0, high=1, high_open=True)
+  _number(config, "optimizer.b1", low=0, high=1, high_open=True)
+  _number(config, "optimizer.b2", low=0, high=1, high_open=True)
+  _number(config, "optimizer.eps", low=0, low_open=True)
+  _number(config, "optimizer.weight_decay", low=0)
+  _number(config, "optimizer.grad_clip_norm", low=0)
+  if not isinstance(config.optimizer.nesterov, bool):
+    _fail("optimizer.nesterov", config.optimizer.nesterov, "True or False")
+
+  _one_of(config, "schedule.name", schedule_names())
+  _number(config, "schedule.warmup_steps", low=0, integer=True)
+  _number(config, "schedule.final_lr_fraction", low=0, high=1)
+  _number(config, "schedule.step_factor", low=0, low_open=True)
+  bounds = list(config.schedule.step_boundaries)
+  if any(not 0 < b < 1 for b in bounds) or bounds != sorted(bounds):
+    _fail("schedule.step_boundaries", tuple(bounds), "increasing fractions in (0, 1)")
+
+  _number(config, "label_smoothing", low=0, high=1, high_open=True)
+  if config.num_train_steps != -1:
+    _number(config, "num_train_steps", low=1, integer=True)
+  else:
+    _number(config, "num_epochs", low=0, low_open=True)
+  for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+              "keep_checkpoints", "probes.every_steps", "probes.lipschitz_every_steps",
+              "probes.batch_size"):
+    _number(config, key, low=1, integer=True)
+  try:
+    validate_probe_options(dict(config.probes))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.schedule.warmup_steps and config.num_train_steps != -1 and (
+      config.schedule.warmup_steps >= config.num_train_steps):
+    _fail("schedule.warmup_steps", config.schedule.warmup_steps,
+          f"fewer than num_train_steps={config.num_train_steps}")
+
+  _one_of(config, "distributed.mode", DISTRIBUTED_MODES)
+  _number(config, "distributed.initialization_timeout_s", low=1, integer=True)
+
+
+def check_batch_sizes(config, device_count: int, process_count: int) -> None:
+  """Global batch sizes must split evenly over all devices (and so over processes)."""
+  for key in ("data.batch_size", "data.eval_batch_size"):
+    value = _get(config, key)
+    if value % device_count:
+      _fail(key, value, f"a multiple of the {device_count} devices "
+            f"({process_count} process(es) x {device_count // process_count} local), "
+            f"e.g. {max(device_count, value // device_count * device_count)}")

@@ -1,0 +1,84 @@
+"""Every experiment command end to end on the `tiny` presets (8x8 digits, a few steps)."""
+import json
+
+import pytest
+
+from lipnorm.experiments import cli, get_config
+from lipnorm.experiments.regime import run_regime
+
+
+def _png_ok(path):
+  data = path.read_bytes()
+  return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_sweep_tiny(tmp_path):
+  out = tmp_path / "sweep"
+  # At init only: the trained stage is the same train_and_load + measure as `compare`
+  # (tested below) and every extra model costs ~10 s of compiles on 2 cores.
+  assert cli.main(["sweep", "--preset", "tiny", "--out", str(out), "depths=(2, 3)",
+                   "ks=(0, 2)", "train_steps=0"]) == 0
+  s = json.loads((out / "sweep.json").read_text())
+  for p in s["points"]:
+    assert p["lip_x_max"] > 0 and p["bound"] >= p["lip_x_max"] * (1 - 1e-4), p
+  stages = {(p["series"], p["stage"]) for p in s["points"]}
+  assert stages == {("depth", "init"), ("k", "init")}
+  assert any(f["series"] == "depth" and f["metric"] == "lip_x_max" for f in s["fits"])
+  for p in s["permutation"]:     # C2: exactly a^L
+    assert p["lip_x_max"] == pytest.approx(p["expected"], rel=1e-4)
+    assert p["bound"] == pytest.approx(p["expected"], rel=1e-4)
+  assert _png_ok(out / "sweep_depth.png") and _png_ok(out / "sweep_k.png")
+  assert "| depth |" in (out / "sweep.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def compare_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("compare")
+  assert cli.main(["compare", "--preset", "tiny", "--out", str(out),
+                   "norms=('none', 'batch')"]) == 0
+  return out
+
+
+def test_compare_tiny(compare_dir):
+  s = json.loads((compare_dir / "compare.json").read_text())
+  assert [r["norm"] for r in s["rows"]] == ["none", "batch"]
+  for r in s["rows"]:
+    assert 0 <= r["test_accuracy"] <= 1 and r["lip_x_max"] > 0 and r["lip_theta_max"] > 0
+    assert r["hessian_top"] == r["hessian_top"] and isinstance(r["diverged"], bool)
+  md = (compare_dir / "compare.md").read_text()
+  assert md.count("\n| ") >= 3 and "Hessian" in md
+  assert _png_ok(compare_dir / "compare_metrics.png")
+  assert _png_ok(compare_dir / "compare_curves.png")
+  assert _png_ok(compare_dir / "runs" / "batch" / "dynamics" / "fig2_variances.png")
+
+
+def test_regime_tiny_reuses_compare(compare_dir, tmp_path):
+  c = get_config("regime", "tiny")
+  c.out_dir, c.compare_dir = str(tmp_path), str(compare_dir)
+  c.construction.depths, c.construction.norms = (2, 4), ("batch",)
+  c.normalizer_check.input_stds = (1.0,)
+  s = run_regime(c)
+  assert {e["norm"] for e in s["trained"]} == {"batch"}
+  for e in s["trained"]:
+    frac = e["eval"]["amplifying_fraction_per_layer"]
+    assert len(frac) == 2 and all(0 <= f <= 1 for f in frac)
+  pts = s["construction"]["points"]
+  assert all(p["amplifying_fraction"] == 1.0 for p in pts if p["norm"] != "none")
+  bn = {p["depth"]: p["lip_x_max"] for p in pts if p["norm"] == "batch"}
+  none = {p["depth"]: p["lip_x_max"] for p in pts if p["norm"] == "none"}
+  assert bn[4] > bn[2] > 1.0 > none[2] > none[4]       # amplifying vs contracting
+  assert _png_ok(tmp_path / "regime_trained.png")
+  assert _png_ok(tmp_path / "regime_construction.png")
+  assert "Construction" in (tmp_path / "regime.md").read_text()
+  for r in s["normalizer_check"]:   # C3: BN eval factor exact, the others upper bounds
+    assert r["ratio_max"] <= 1 + 1e-5
+    if r["norm"] in ("batch", "layer"):
+      assert r["ratio_min"] >= 1 - 1e-5
+
+
+def test_dynamics_tiny_trains_then_plots(tmp_path):
+  assert cli.main(["dynamics", "--preset", "tiny", "--out", str(tmp_path)]) == 0
+  s = json.loads((tmp_path / "dynamics.json").read_text())
+  assert s["weight_norm"] == "spectral" and s["steps"] == [0, 8]
+  for name in ("fig1_weights.png", "fig2_variances.png", "fig3_selected_layers.png"):
+    assert _png_ok(tmp_path / name)

@@ -1,0 +1,76 @@
+"""Probe hooks in the training loop: what they log, and that logging changes nothing."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from lipnorm.experiments import presets
+from lipnorm.models import get_model
+from lipnorm.probes import LayerProber, flatten_probes
+from lipnorm.probes.hooks import LayerProbeHook, LipschitzHook, probe_hook_fns
+from lipnorm.training import load_checkpoint, train
+
+
+def test_training_with_probes_ends_with_the_same_parameters(tmp_path):
+  """Probes every step (layers) and every 2 steps (Lipschitz, bound, Hessian) must not
+  change a single bit of the trained parameters or BN statistics."""
+  finals = {}
+  for enabled in (False, True):
+    c = presets.tiny_train(steps=4)
+    c.model.norm = "batch"
+    c.probes.enabled = enabled
+    c.probes.every_steps, c.probes.lipschitz_every_steps = 1, 2
+    workdir = tmp_path / f"probes_{enabled}"
+    summary = train(c, str(workdir))
+    assert summary["status"] == "completed"
+    finals[enabled] = load_checkpoint(str(workdir))["state"]
+    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in records if r["kind"] == "probe"]
+    if enabled:
+      layer_steps = sorted(r["step"] for r in probes if r["hook"] == "layers")
+      lip_steps = sorted(r["step"] for r in probes if r["hook"] == "lipschitz")
+      assert layer_steps == [0, 1, 2, 3, 4] and lip_steps == [0, 2, 4]
+      lip = [r for r in probes if r["hook"] == "lipschitz"][-1]
+      assert lip["eval/lip_x_max"] > 0 and lip["batch_fixed/lip_theta_max"] > 0
+      assert lip["eval/bound"] >= lip["eval/lip_x_max"] * (1 - 1e-4)
+      assert np.isfinite(lip["hessian_top"])
+      layers = [r for r in probes if r["hook"] == "layers"][-1]
+      assert len(layers["weight_spectral"]) == 3 and len(layers["batch/norm_var_mean"]) == 2
+    else:
+      assert not probes
+  chex_equal = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                            finals[False]["params"], finals[True]["params"])
+  assert all(jax.tree.leaves(chex_equal))
+  bs_equal = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                          finals[False]["batch_stats"], finals[True]["batch_stats"])
+  assert all(jax.tree.leaves(bs_equal))
+
+
+def test_hooks_report_the_prober_values_and_strip_the_pmap_axis():
+  model = get_model("relu_net", depth=3, width=8, norm="batch",
+                    norm_options={"axis_name": "batch"})
+  x = jax.random.normal(jax.random.key(0), (16, 5))
+  batch = {"image": x, "label": jax.numpy.arange(16) % 10}
+  variables = model.init(jax.random.key(1), x[:1])
+  variables = {k: variables[k] for k in ("params", "batch_stats")}
+  c = presets.tiny_train()
+  c.probes.every_steps, c.probes.lipschitz_every_steps = 5, 7
+  c.probes.lipschitz_examples, c.probes.hessian_examples = 3, 0   # Hessian: test above
+  fns = dict((name, (every, fn)) for name, every, fn in probe_hook_fns(c, model, 10))
+  assert fns["layers"][0] == 5 and fns["lipschitz"][0] == 7
+  logged = fns["layers"][1](0, variables, batch)     # batch mode works: axis stripped
+  plain = get_model("relu_net", depth=3, width=8, norm="batch")
+  direct = flatten_probes(LayerProber(plain, bn_modes=("eval", "batch"))(variables, x))
+  assert logged.keys() == direct.keys()
+  for k in direct:
+    np.testing.assert_allclose(logged[k], direct[k], rtol=1e-6)
+  lip = fns["lipschitz"][1](0, variables, batch)
+  assert {"eval/lip_x_max", "batch_fixed/lip_x_mean", "eval/bound"} <= set(lip)
+  assert "hessian_top" not in lip
+  c.probes.enabled = False
+  assert probe_hook_fns(c, model, 10) == []
+  with pytest.raises(ValueError, match="every"):
+    LayerProbeHook(plain, 0)
+  with pytest.raises(ValueError, match="num_examples"):
+    LipschitzHook(plain, 1, num_classes=10, num_examples=0)

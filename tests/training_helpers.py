@@ -1,0 +1,46 @@
+"""Shared by the training tests: configs/*.py loading and a tiny version of the default
+config (64 digits, a 3-layer width-16 BN net, 8 steps), in Python or as CLI flags."""
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+# configs/default.py made tiny: 64 training digits in batches of 12 (5 per epoch, so
+# runs cross epoch boundaries), 24 test digits, 8 steps.
+TINY_CHANGES = {
+    "model.depth": 3, "model.width": 16, "model.norm": "batch", "bn_stats": "per_device",
+    "data.num_train": 64, "data.num_test": 24, "data.batch_size": 12,
+    "data.eval_batch_size": 8, "num_train_steps": 8, "log_every_steps": 4,
+    "eval_every_steps": 8, "checkpoint_every_steps": 4,
+}
+
+
+def load_config(name: str):
+  """`configs/<name>.py`'s get_config()."""
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def set_fields(config, changes: dict):
+  """Applies {"a.b": value} changes to a ConfigDict in place; returns it."""
+  for key, value in changes.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def tiny_config(**changes):
+  """configs/default.py with TINY_CHANGES and then `changes` (dotted keys)."""
+  return set_fields(load_config("default"), {**TINY_CHANGES, **changes})
+
+
+def tiny_cli_flags(**changes) -> list[str]:
+  """The same config as `tiny_config(**changes)`, as train.py flags."""
+  return ["--config=" + str(CONFIGS / "default.py")] + [
+      f"--config.{k}={v}" for k, v in {**TINY_CHANGES, **changes}.items()]
