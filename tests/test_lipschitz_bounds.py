@@ -10,10 +10,11 @@ from flax import linen as nn
 
 from lipnorm.lipschitz import (input_lipschitz, jacobian_spectral_norm, merge_stats,
                                normalizer_stats, upper_bound)
+from lipnorm.lipschitz.bounds import normalizer_factor
 from lipnorm.models import get_model
 from lipnorm.models import structure as st
-from lipnorm.normalizers import BatchNorm
-from lipschitz_testing import random_variables, x64  # noqa: F401
+from lipnorm.normalizers import BatchNorm, lipschitz_factor
+from lipschitz_testing import fast_compiles, random_variables, x64  # noqa: F401
 
 NORMS = [("none", None), ("batch", None), ("layer", None), ("group", {"num_groups": 2}),
          ("rms", None)]
@@ -64,6 +65,11 @@ def test_bn_eval_factor_is_exact(x64):
         "batch_stats": {"norm_0": v["batch_stats"]}}
   entry = [e for e in upper_bound(model, mv, input_shape=(4,)).entries if e.path == ("norm_0",)]
   np.testing.assert_allclose(entry[0].upper, expected, rtol=1e-8)
+  # the float64 factor of the bound code is the normalizers' lipschitz_factor
+  for scale, sigma2 in ((gamma, var), (gamma, 0.3), (None, var)):
+    np.testing.assert_allclose(normalizer_factor(scale, sigma2, 1e-5),
+                               float(lipschitz_factor(scale, jnp.asarray(sigma2), 1e-5)),
+                               rtol=1e-12)
 
 
 def test_batch_modes_and_missing_stats():
@@ -179,3 +185,27 @@ def test_merge_stats_takes_the_minimum():
   merged = merge_stats(a, b)
   for k in both:
     np.testing.assert_allclose(merged[k], both[k], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,kwargs,shape", [
+    ("relu_net", dict(depth=4, width=8), (5,)),
+    ("resnet18", dict(stage_sizes=(1, 1), width=4), (8, 8, 3))])
+def test_factors_below_one_never_raise_the_bound(name, kwargs, shape):
+  """BN (eval) with running variances 4 and gains <= 1: every factor is <= 1/2, so the
+  normalized bound is at most the unnormalized product (equal to product x factors for
+  the sequential net); still above every local constant."""
+  model = get_model(name, norm="batch", num_classes=4, **kwargs)
+  v = random_variables(model, shape, 3)
+  v["batch_stats"] = jax.tree.map(lambda a: jnp.full_like(a, 4.0), v["batch_stats"])
+  v["params"] = jax.tree_util.tree_map_with_path(
+      lambda p, a: a * 0.6 if p[-1].key == "scale" else a, v["params"])
+  rep = upper_bound(model, v, input_shape=shape)
+  factors = [e.upper for e in rep.entries if e.kind == "norm:batch"]
+  assert factors and max(factors) <= 0.5
+  assert rep.normalized_bound < rep.product_bound
+  if name == "relu_net":
+    np.testing.assert_allclose(rep.normalized_bound,
+                               rep.product_bound * math.prod(factors), rtol=1e-9)
+  xs = jax.random.normal(jax.random.key(0), (6, *shape))
+  assert float(jnp.max(input_lipschitz(model, v, xs, bn_mode="eval").value)) <= \
+      rep.normalized_bound

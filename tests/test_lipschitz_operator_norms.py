@@ -13,7 +13,7 @@ from lipnorm.lipschitz import (conv_operator_norm, dense_operator_norm,
 from lipnorm.lipschitz.operator_norms import ConvGeometry, circulant_bound, patch_bound
 from lipnorm.models import get_model
 from lipnorm.models import structure as st
-from lipschitz_testing import random_variables
+from lipschitz_testing import fast_compiles, random_variables  # noqa: F401
 
 
 def _explicit_conv(kernel, in_shape, **conv_kw):

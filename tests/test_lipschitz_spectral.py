@@ -6,7 +6,7 @@ import pytest
 
 from lipnorm.lipschitz import (choose_method, jacobian_spectral_norm, lanczos,
                                power_iteration)
-from lipschitz_testing import explicit_norm, x64  # noqa: F401
+from lipschitz_testing import explicit_norm, fast_compiles, x64  # noqa: F401
 
 ALL = ("auto", "jacfwd", "jacrev", "power", "lanczos")
 

@@ -149,6 +149,19 @@ def merge_stats(*stats: Mapping[Path, np.ndarray]) -> dict[Path, np.ndarray]:
 
 # ----------------------------------------------------------------------------- factors
 
+def normalizer_factor(scale, sigma2, epsilon: float) -> float:
+  """`lipnorm.normalizers.lipschitz_factor` evaluated in float64 NumPy (bounds must not
+  lose digits to float32): `max_j |gamma_j| / sqrt(sigma2_j + eps)` for per-channel
+  `sigma2` (BN), else `max|gamma| / sqrt(min sigma2 + eps)`; `scale=None`: gamma = 1."""
+  sigma2 = np.asarray(sigma2, np.float64)
+  if scale is None:
+    return float(np.max(1.0 / np.sqrt(sigma2 + epsilon)))
+  scale = np.abs(np.asarray(scale, np.float64))
+  if sigma2.shape == scale.shape:
+    return float(np.max(scale / np.sqrt(sigma2 + epsilon)))
+  return float(np.max(scale) / np.sqrt(np.min(sigma2) + epsilon))
+
+
 def _norm_factor(node: st.Norm, variables: Mapping, bn_mode: str,
                  stats: Optional[Mapping]) -> tuple[float, bool, str, Optional[str]]:
   """(factor, exact, notes, scope-or-None-if-unbounded) of one normalizer."""
@@ -156,17 +169,9 @@ def _norm_factor(node: st.Norm, variables: Mapping, bn_mode: str,
   if node.kind == "none":
     return 1.0, True, "identity", "global"
   params = model_info.get_at(variables.get("params", {}), node.path) or {}
-  scale = params.get("scale")
-  scale = None if scale is None else np.abs(np.asarray(scale, np.float64))
-  eps = node.epsilon
 
   def factor(sigma2):
-    sigma2 = np.asarray(sigma2, np.float64)
-    if scale is None:
-      return float(np.max(1.0 / np.sqrt(sigma2 + eps)))
-    if sigma2.shape == scale.shape:
-      return float(np.max(scale / np.sqrt(sigma2 + eps)))
-    return float(np.max(scale) / np.sqrt(np.min(sigma2) + eps))
+    return normalizer_factor(params.get("scale"), sigma2, node.epsilon)
 
   if node.kind == "batch":
     if bn_mode == "eval":
@@ -308,14 +313,14 @@ class _Composer:
 def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
                 stats: Optional[Mapping] = None, bn_mode: str = "eval",
                 estimate_convs: bool = True, tol: float = 1e-6, num_iters: int = 100,
-                exact_max_dim: int = DEFAULT_EXACT_MAX_DIM, key=None) -> BoundReport:
+                exact_max_dim: int = DEFAULT_EXACT_MAX_DIM, seed: int = 0) -> BoundReport:
   """The bound report of `model` for one example of shape `input_shape` (no batch axis).
 
   Args:
     stats: `normalizer_stats(...)` output (min input variances) for LN/GN/IN/RMS and
       for BN in "batch_fixed"; merge several with `merge_stats`.
     bn_mode: "eval" (default), "batch_fixed" or "batch_coupled" (module docstring).
-    estimate_convs, tol, num_iters, exact_max_dim, key: for conv / avg-pool operator
+    estimate_convs, tol, num_iters, exact_max_dim, seed: for conv / avg-pool operator
       norms (`operator_norms.conv_operator_norm`); the certified `upper` never depends
       on the Lanczos estimate.
   """
@@ -328,7 +333,7 @@ def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
   calls = model_info.module_calls(model, variables, input_shape)
   comp = _Composer(variables, calls, bn_mode, stats,
                    dict(estimate=estimate_convs, tol=tol, num_iters=num_iters,
-                        exact_max_dim=exact_max_dim, key=key))
+                        exact_max_dim=exact_max_dim, seed=seed))
   prod, norm, est, _ = comp.walk(node, input_shape)
   sound = math.isfinite(norm)
   if sound:

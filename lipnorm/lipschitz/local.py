@@ -19,10 +19,9 @@ For parameters the same three definitions apply with theta as the variable (in
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -281,10 +281,9 @@ def patch_bound(kernel, geom: ConvGeometry, feature_group_count: int = 1) -> flo
 
 
 @functools.partial(jax.jit, static_argnames=("geom", "groups", "num_iters", "tol"))
-def _conv_lanczos(kernel, key, *, geom, groups, num_iters, tol):
-  """Top eigenvalue of A^T A (A the conv) by Lanczos through the conv and its transpose."""
-  cin = kernel.shape[2] * groups
-  x0 = jax.random.normal(key, (*geom.in_hw, cin), kernel.dtype)
+def _conv_lanczos(kernel, x0, *, geom, groups, num_iters, tol):
+  """Top eigenvalue of A^T A (A the conv) by Lanczos through the conv and its transpose,
+  from the start vector x0 `[H, W, Cin]` (drawn by NumPy: no RNG to compile)."""
   lin = functools.partial(conv_apply, kernel, geom=geom, feature_group_count=groups)
   lin_t = jax.linear_transpose(lin, x0)
 
@@ -313,7 +312,7 @@ def conv_operator_norm(kernel, input_shape: Sequence[int], *, strides=(1, 1),
                        padding="SAME", feature_group_count: int = 1, path: Path = (),
                        kind: str = "conv", estimate: bool = True, tol: float = 1e-6,
                        num_iters: int = 100, exact_max_dim: int = DEFAULT_EXACT_MAX_DIM,
-                       key=None) -> OperatorNorm:
+                       seed: int = 0) -> OperatorNorm:
   """Spectral norm of the 2-D conv with `kernel` `[kh, kw, Cin/g, Cout]` on inputs of
   `input_shape` `[H, W, Cin]` (module docstring). `estimate=False` skips the Lanczos
   iteration of large layers (then `estimate` is NaN and only `upper` is meaningful)."""
@@ -337,8 +336,9 @@ def conv_operator_norm(kernel, input_shape: Sequence[int], *, strides=(1, 1),
     bounds["explicit float64 matrix"] = value * (1 + F64_MARGIN)
     exact, method = True, "explicit"
   elif estimate:
-    key = jax.random.key(0) if key is None else key
-    eig = _conv_lanczos(kernel, key, geom=geom, groups=g, num_iters=num_iters, tol=tol)
+    x0 = np.random.default_rng(seed).standard_normal((h, w, cin)).astype(kernel.dtype)
+    eig = _conv_lanczos(kernel, jnp.asarray(x0), geom=geom, groups=g, num_iters=num_iters,
+                        tol=tol)
     value = math.sqrt(max(float(eig.eigenvalues[0]), 0.0))
     iters, rel = int(eig.iterations), float(eig.rel_change)
     exact, method = False, "lanczos"
@@ -410,7 +410,7 @@ def linear_operator_norm(node: st.Linear, params: Mapping, call: model_info.Modu
 
 def layer_operator_norms(model, variables: Mapping, *, input_shape: Sequence[int],
                          estimate: bool = True, tol: float = 1e-6, num_iters: int = 100,
-                         exact_max_dim: int = DEFAULT_EXACT_MAX_DIM, key=None
+                         exact_max_dim: int = DEFAULT_EXACT_MAX_DIM, seed: int = 0
                          ) -> dict[Path, OperatorNorm]:
   """`OperatorNorm` of every Linear node of `model.structure()`, keyed by its path, at
   the input size each layer sees for one example of shape `input_shape` (no batch axis;
@@ -426,5 +426,5 @@ def layer_operator_norms(model, variables: Mapping, *, input_shape: Sequence[int
                        f"{tuple(input_shape)}; module paths seen: {sorted(calls)[:20]}")
     out[lin.path] = linear_operator_norm(lin, variables["params"], calls[lin.path],
                                          estimate=estimate, tol=tol, num_iters=num_iters,
-                                         exact_max_dim=exact_max_dim, key=key)
+                                         exact_max_dim=exact_max_dim, seed=seed)
   return out

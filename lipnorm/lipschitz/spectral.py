@@ -177,7 +177,7 @@ def lanczos(matvec: Callable[[Array], Array], v0: Array, *, k: int = 1, num_iter
     return top, y, res
 
   def step(s):
-    j, basis, alpha, beta, theta_prev, _, _, _ = s
+    j, basis, alpha, beta, theta_prev, _, _, _, _, _ = s
     v = basis[j]
     w = matvec(v)
     a = _dot(v, w)
@@ -188,24 +188,25 @@ def lanczos(matvec: Callable[[Array], Array], v0: Array, *, k: int = 1, num_iter
     alpha = alpha.at[j].set(a)
     beta = beta.at[j].set(b)
     basis = basis.at[j + 1].set(v_next)
-    theta, _, res = ritz(alpha, beta, j)
+    theta, y, res = ritz(alpha, beta, j)
     scale = jnp.maximum(jnp.max(jnp.abs(theta)), _tiny(dtype))
     breakdown = b <= 100 * jnp.finfo(dtype).eps * jnp.maximum(jnp.abs(a), scale)
     rel = jnp.max(jnp.abs(theta - theta_prev)) / scale
     done = breakdown | ((j + 1 >= k) & jnp.all(res <= tol * jnp.maximum(jnp.abs(theta),
                                                                          _tiny(dtype))))
-    return j + 1, basis, alpha, beta, theta, rel, done, breakdown
+    return j + 1, basis, alpha, beta, theta, rel, done, breakdown, y, res
 
   def cond(s):
-    j, *_, done, _ = s
+    j, _, _, _, _, _, done, _, _, _ = s
     return (j < m) & ~done
 
   inf = jnp.asarray(jnp.inf, dtype)
   theta0 = jnp.full((k,), jnp.inf, dtype)
   state = (jnp.asarray(0), basis, alpha, beta, theta0, inf, jnp.asarray(False),
-           jnp.asarray(False))
-  j, basis, alpha, beta, _, rel, done, breakdown = jax.lax.while_loop(cond, step, state)
-  theta, y, res = ritz(alpha, beta, j - 1)
+           jnp.asarray(False), jnp.zeros((m, k), dtype), jnp.zeros((k,), dtype))
+  # the Ritz pairs of the last step are carried out of the loop (no second eigh)
+  j, basis, alpha, beta, theta, rel, done, breakdown, y, res = jax.lax.while_loop(
+      cond, step, state)
   res = jnp.where(breakdown, 0.0, res)
   vecs = jnp.matmul(y.T, basis[:m], precision=HIGHEST)   # [k, n]
   vecs = vecs / jnp.maximum(jnp.linalg.norm(vecs, axis=1, keepdims=True), _tiny(dtype))
