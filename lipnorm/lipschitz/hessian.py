@@ -98,9 +98,9 @@ def hessian_top_eigenvalues(loss_fn: Callable[[Any, Any], jax.Array], params: An
   `num_iters x num_params`). method "power": power iteration with deflation for each of
   the k, stopping on relative change <= tol; when the dominant eigenvalue theta found is
   negative it reruns on `H - theta I` so the result is still the largest algebraic one
-  (memory O(num_params), slower convergence). `loss_fn` is a static argument of a jitted function: pass the same function
-  object to reuse the compilation. Raises ValueError on bad arguments or a
-  non-finite loss.
+  (memory O(num_params), slower convergence). `loss_fn` is a static argument of a
+  jitted function: pass the same function object to reuse the compilation. Raises
+  ValueError on bad arguments or a non-finite loss.
   """
   if method not in HESSIAN_METHODS:
     raise ValueError(f"method={method!r}; allowed: {', '.join(HESSIAN_METHODS)}")
