@@ -48,7 +48,9 @@ class Activation:
 @dataclasses.dataclass(frozen=True)
 class Pool:
   """A linear pooling map: `avg` over `window` with `strides` and `padding`, or
-  `global_avg` over all positions. `max` pooling is 1-Lipschitz (not linear)."""
+  `global_avg` over all positions. `max` pooling is not linear; its Lipschitz constant
+  is at most sqrt(the most windows any input position falls in): 1 for non-overlapping
+  windows, 2 for the 3x3 stride-2 ImageNet-stem pool."""
   kind: str
   window: tuple[int, ...] = ()
   strides: tuple[int, ...] = ()
