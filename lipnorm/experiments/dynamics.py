@@ -151,7 +151,7 @@ def run_dynamics(config: ml_collections.ConfigDict) -> dict[str, Any]:
   files.append(plots.save(fig, out / "fig3_selected_layers.png"))
 
   final_fit = fit_growth(np.arange(1, cum.shape[1] + 1), cum[-1])
-  rows = _layer_table(f"||W|| {which}", wnorms) + _layer_table("sigma^2", variances)
+  rows = _layer_table(f"‖W‖ {which}", wnorms) + _layer_table("sigma^2", variances)
   summary = {
       "workdir": str(config.workdir), "variance_source": vdesc, "weight_norm": which,
       "steps": [int(wsteps[0]), int(wsteps[-1])],
