@@ -37,8 +37,12 @@ def test_training_with_probes_ends_with_the_same_parameters(tmp_path):
       assert np.isfinite(lip["hessian_top"])
       layers = [r for r in probes if r["hook"] == "layers"][-1]
       assert len(layers["weight_spectral"]) == 3 and len(layers["batch/norm_var_mean"]) == 2
+      # The summary carries each hook's latest scalars (lists stay in the JSONL only).
+      assert summary["probes"]["lipschitz"] == {
+          k: v for k, v in lip.items() if k not in ("kind", "time", "hook")}
+      assert "weight_spectral" not in summary["probes"]["layers"]
     else:
-      assert not probes
+      assert not probes and summary["probes"] == {}
   chex_equal = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
                             finals[False]["params"], finals[True]["params"])
   assert all(jax.tree.leaves(chex_equal))

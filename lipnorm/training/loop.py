@@ -141,7 +141,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
   eval_accuracy: the last logged values), wall_time_s (this call, start-up included),
   steps_per_sec and examples_per_sec (this call's updates after its first, compiling,
   one, evaluation and checkpointing included), resumed_from_step, num_params,
-  process_count, device_count, last_checkpoint_step.
+  process_count, device_count, last_checkpoint_step, probes (each hook's latest scalar
+  results and their step, e.g. summary["probes"]["lipschitz"]["eval/lip_x_max"]).
   Raises ConfigError (a ValueError) for bad config values, before any training.
   """
   t_start = time.time()
@@ -234,12 +235,19 @@ def _run(config, workdir, ds, model, tx, host_state, checkpointer, train_iterato
   def host_variables():
     return distributed.first_replica(state.variables())
 
+  last_probes: dict[str, dict] = {}   # each hook's latest scalars, for the summary
+
+  def run_probes(at_step):
+    for name, result in run_hooks(hooks, at_step, total_steps, host_variables(), probe_batch):
+      writer.write(at_step, "probe", {"hook": name, **result})
+      last_probes[name] = {"step": at_step, **{k: v for k, v in result.items()
+                                               if isinstance(v, (int, float))}}
+
   if is_main:  # only now: a run that failed to start does not claim the workdir
     write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_as_dict(config))
   if start_step is None:  # a diverged or killed run always has a checkpoint to go back to
     save_checkpoint(0, iterator_state)
-    for name, result in run_hooks(hooks, 0, total_steps, host_variables(), probe_batch):
-      writer.write(0, "probe", {"hook": name, **result})
+    run_probes(0)
 
   status, diverged_step, details = "completed", None, {}
   pending, window = [], []  # device metrics not yet fetched; host metrics of the window
@@ -295,8 +303,7 @@ def _run(config, workdir, ds, model, tx, host_state, checkpointer, train_iterato
                         ", ".join(bad_keys), diverged_step, checkpointer.latest_step())
         break
       if hooks_due:
-        for name, result in run_hooks(hooks, step, total_steps, host_variables(), probe_batch):
-          writer.write(step, "probe", {"hook": name, **result})
+        run_probes(step)
       if eval_due:
         last["eval"] = writer.write(step, "eval", evaluate(p_eval, state, ds, devices))
         progress.report(last["eval"])
@@ -331,6 +338,7 @@ def _run(config, workdir, ds, model, tx, host_state, checkpointer, train_iterato
       "resumed_from_step": start_step, "num_params": num_params,
       "process_count": jax.process_count(), "device_count": jax.device_count(),
       "last_checkpoint_step": last_checkpoint,
+      "probes": last_probes,
   }
   if is_main:
     write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
