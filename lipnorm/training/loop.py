@@ -222,7 +222,13 @@ def _run(config, workdir, ds, model, tx, host_state, checkpointer, train_iterato
   del host_state
   p_train, p_eval = make_steps(config, model, tx, info.num_classes)
   hooks = build_hooks(config, model, ds) + list(extra_hooks)
-  probe_batch = ds.probe_batch(config.probes.batch_size) if hooks else None
+  probe_batch = None
+  if hooks:
+    probe_size = min(config.probes.batch_size, ds.info.num_train)
+    if probe_size < config.probes.batch_size:
+      logging.warning("probes.batch_size=%d exceeds the %d training examples: probing on "
+                      "all %d", config.probes.batch_size, ds.info.num_train, probe_size)
+    probe_batch = ds.probe_batch(probe_size)
   iterator_state = train_iterator.get_state()
   batches = _batches(train_iterator, devices)
   step = start_step or 0
