@@ -23,7 +23,7 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "d
 def shared_data():
   """Path to ../shared/data (real CIFAR-10, MNIST, Fashion-MNIST); skips when absent."""
   if not SHARED_DATA.is_dir():
-    pytest.skip(f"real datasets not present at {SHARED_DATA} (only on lipnorm dev machines)")
+    pytest.skip(f"real datasets not present at {SHARED_DATA} (see README.md, Data)")
   return SHARED_DATA
 
 

@@ -1,5 +1,5 @@
 """input_lipschitz / param_lipschitz against explicitly formed float64 Jacobians, known
-answers (linear nets, the a*P construction of SPEC C2) and bad input."""
+answers (linear nets, the a*P construction, docs/theory.md#c2) and bad input."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,7 +141,7 @@ def test_linear_network_equals_norm_of_matrix_product(x64):
 
 @pytest.mark.parametrize("a,depth", [(1.5, 6), (3.0, 4)])
 def test_permutation_construction_gives_a_to_the_L(x64, a, depth):
-  """SPEC C2: W_l = a P_l, no bias; on the positive orthant Lip_x = a^L exactly."""
+  """docs/theory.md#c2: W_l = a P_l, no bias; on the positive orthant Lip_x = a^L exactly."""
   d = 5
   model, v = f64_model(get_model, "relu_net", input_shape=(d,), depth=depth, width=d,
                        num_classes=d, use_bias=False)

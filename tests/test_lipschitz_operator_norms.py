@@ -96,7 +96,7 @@ def test_dense_norm_and_he_init_sanity():
   kernel = rng.normal(size=(7, 5))
   np.testing.assert_allclose(dense_operator_norm(kernel).estimate,
                              np.linalg.svd(kernel, compute_uv=False)[0], rtol=1e-12)
-  # SPEC: square He-init layer W_ij ~ N(0, 2/d) has ||W||_2 ~ 2 sqrt(2)
+  # docs/theory.md#he-init-expectation: square He layer W_ij ~ N(0, 2/d) has ||W||_2 ~ 2 sqrt(2)
   d = 400
   he = rng.normal(scale=math.sqrt(2 / d), size=(d, d))
   assert abs(dense_operator_norm(he).estimate / (2 * math.sqrt(2)) - 1) < 0.05

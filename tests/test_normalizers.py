@@ -235,7 +235,7 @@ def test_rmsnorm_matches_numpy(layout):
 
 
 def test_layernorm_local_lipschitz_is_below_the_factor():
-  """||J N(u)||_2 <= max|gamma| / sqrt(var(u) + eps) at the input u (SPEC section 2)."""
+  """||J N(u)||_2 <= max|gamma| / sqrt(var(u) + eps) at u (docs/theory.md#normalizer-factor)."""
   x = _input((1, 12))
   norm = get_normalizer("layer", epsilon=EPS)()
   variables = _with_affine(norm.init(jax.random.key(0), x), 12)

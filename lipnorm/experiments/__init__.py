@@ -1,4 +1,4 @@
-"""Paper experiments E1-E4 (SPEC section 4): importable `run_*(config)` functions, each
+"""Paper experiments E1-E4 (docs/theory.md#experiments): importable `run_*(config)` functions, each
 writing figures and markdown to `config.out_dir`, and the CLI
 `python -m lipnorm.experiments <sweep|dynamics|compare|regime> [--preset P] [key=value ...]`.
 """
@@ -19,7 +19,7 @@ def _dynamics(train_cfg, out_dir, **kw):
 
 
 register(Experiment(
-    "dynamics", "E2: seed Figures 1-3 (weight norms, variances over training) from a "
+    "dynamics", "E2: the paper's Figures 1-3 (weight norms, variances over training) from a "
     "training workdir's JSONL, or after training one", dynamics.default_config,
     dynamics.run_dynamics, {
         "tiny": _dynamics(lambda: presets.tiny_train(8), "runs/dynamics_tiny"),

@@ -70,7 +70,7 @@ def _at(tree: dict, path: tuple[str, ...]) -> dict:
 
 def scaled_permutation_variables(model: nn.Module, variables: Any, *, scale: float,
                                  key: jax.Array) -> dict:
-  """SPEC's exponential construction (claim C2): every dense kernel `scale * P_l` with P_l
+  """The exponential construction (docs/theory.md#c2): every dense kernel `scale * P_l` with P_l
   a random permutation matrix (square layers, no bias). On the positive orthant every
   ReLU is active, so the network is `x -> scale^L * P x` there and its input Lipschitz
   constant is exactly `scale^L` (L = number of linear maps)."""

@@ -1,4 +1,4 @@
-"""E2: the seed's Figures 1-3 from a training workdir's JSONL log (claims C4, C5).
+"""E2: the paper's Figures 1-3 from a training workdir's JSONL log (claims C4, C5).
 
 Figure 1: per-layer weight norms, their product, training accuracy over steps.
 Figure 2: per-layer input variances (of each normalizer, or before each activation in

@@ -6,7 +6,7 @@
   * Activation: its global Lipschitz constant (`lipschitz` field).
   * Pool: avg / global avg (linear, exact norms), max (sqrt(max window overlap)).
   * Flatten: 1.
-  * Norm (SPEC section 2, `lipnorm.normalizers.lipschitz_factor`):
+  * Norm (docs/theory.md#normalizer-factor, `lipnorm.normalizers.lipschitz_factor`):
       - BN, bn_mode="eval": exactly `max_j |gamma_j| / sqrt(running_var_j + eps)`.
       - BN, bn_mode="batch_fixed": the affine map with this batch's statistics, from
         `stats` measured on that batch (`normalizer_stats(..., bn_mode="batch_fixed")`);
@@ -23,7 +23,7 @@
   * Sequential: product; Residual: `Lip(shortcut) + Lip(branch)` (identity shortcut: 1).
   * Unbounded: no sound bound (its `reason`); inner layers are still reported.
 
-Totals: `product_bound` is SPEC's unnormalized product (normalizers counted as 1; all
+Totals: `product_bound` is the unnormalized product (normalizers counted as 1; all
 other factors and the residual rule as above), `normalized_bound` includes the
 normalizer factors and is the sound bound on the model itself (in `scope`);
 `estimate` composes the per-node best estimates the same way (not certified). Where a

@@ -5,7 +5,7 @@
 per layer) for every example of a batch, vmapped (in memory-bounded chunks) and
 jit-compiled.
 
-BatchNorm regimes (`bn_mode`, required when the model has BN; SPEC section 1):
+BatchNorm regimes (`bn_mode`, required with BN; docs/theory.md#batchnorm-regimes):
   * "eval": running statistics; `f(x) = model.apply(v, x[None], train=False)[0]` is a
     function of one example.
   * "batch_fixed": this batch's BN statistics (mean, var of each BN input over `xs`) are

@@ -3,7 +3,7 @@
 `lower_bound_search` starts at each example of a batch and moves its input to increase
 `||J_x f(x)||_2`. Every value it reports is `||J_x f(x)||_2` (or `||J v||` for a unit
 v, which is smaller) at an actual input x, hence a valid lower bound of the global
-Lipschitz constant `sup_x ||J_x f(x)||_2` (SPEC section 2).
+Lipschitz constant `sup_x ||J_x f(x)||_2` (docs/theory.md#empirical-lower-bound).
 
 The ascent objective at x is `F(x) = ||J_x f(x) v||` with v the top right singular
 vector estimate, refreshed by a few power steps at each iterate (warm start). For

@@ -1,4 +1,4 @@
-"""The fully connected network of SPEC section 1 ("DNN" and "normalized DNN").
+"""The fully connected network of docs/theory.md#dnn ("DNN" and "normalized DNN").
 
 `depth` counts linear maps: `z_l = W_l h_{l-1} + b_l`, `h_l = phi(N_l(z_l))` for the
 `depth - 1` hidden layers (N_l the identity off the normalized set S), `f(x) = z_L`.

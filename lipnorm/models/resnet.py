@@ -12,7 +12,7 @@ Every conv is a normalizer slot, numbered in forward order: the stem conv is slo
 inside each block the shortcut conv (when present) comes before the branch convs.
 `norm_layers` indexes these slots ("all", the first k, or a list). A conv that carries
 a normalizer has no bias; with `use_bias=True` (the default) every other conv has one,
-so `norm="none"` gives the biased convs of SPEC's unnormalized DNN while the BN model
+so `norm="none"` gives the biased convs of the unnormalized DNN while the BN model
 keeps the reference parameter count (ResNet-18, CIFAR stem, 10 classes: 11,173,962).
 3x3 and 7x7 convs use explicit symmetric padding (k // 2 on each side, as in PyTorch),
 1x1 convs "VALID".

@@ -5,7 +5,7 @@ in forward order. `lipnorm.lipschitz` composes bounds from it and `lipnorm.probe
 finds layers with it, so neither parses parameter names. A node's `path` is the tuple
 of submodule names leading to the layer's variables, e.g. `variables["params"][*path]`.
 
-Composition rules a consumer applies (SPEC section 2):
+Composition rules a consumer applies (docs/theory.md#residual-blocks):
   Sequential   -> product of the children's constants
   Residual     -> Lip(shortcut) + Lip(branch), shortcut None meaning identity (Lip 1)
   Unbounded    -> no sound finite bound without extra assumptions; `reason` says why

@@ -5,7 +5,7 @@ All layers take inputs with the batch on axis 0 and features (channels) on the l
 of its input as `gamma * (u - mean(u)) / sqrt(var(u) + eps) + beta` (RMSNorm without the
 mean), with per-channel `scale` (gamma, shape `[C]`) and `bias` (beta, shape `[C]`).
 
-Groups (SPEC section 1):
+Groups (docs/theory.md#normalizers):
   * batch:    one channel across the batch and all spatial positions -> stats `[C]`
   * layer:    one sample, all its features (and positions)          -> stats `[N]`
   * group:    one sample x one group of C/G channels (x positions)  -> stats `[N, G]`
@@ -202,7 +202,7 @@ def resolve_num_groups(channels: int, num_groups: Optional[int],
 
 
 def lipschitz_factor(scale: Optional[Array], sigma2: Array, epsilon: float) -> Array:
-  """`max|gamma| / sqrt(min sigma2 + eps)`: the normalizer factor of SPEC section 2.
+  """`max|gamma| / sqrt(min sigma2 + eps)`, the factor of docs/theory.md#normalizer-factor.
 
   Exact for BatchNorm in eval mode (sigma2 = running variance, per channel); an upper
   bound on the local Jacobian norm of LN/GN/IN/RMS at inputs whose group statistic is at

@@ -1,4 +1,4 @@
-"""Per-layer statistics recorded on a fixed probe batch (SPEC section 2, claims C4, C5, C7).
+"""Per-layer statistics recorded on a fixed probe batch (docs/theory.md#layer-statistics).
 
 `LayerProber(model)(variables, x)` -> {bn_mode: LayerProbes}; `flatten_probes` turns that
 into loggable scalars and per-layer lists. `lipnorm.probes.hooks.probe_hook_fns` builds

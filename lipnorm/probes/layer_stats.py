@@ -1,6 +1,6 @@
 """Per-layer statistics of a model on a fixed probe batch, from one forward pass.
 
-The statistics (SPEC section 2, "layer statistics"; claims C4, C5, C7):
+The statistics (docs/theory.md#layer-statistics; claims C4, C5, C7):
 
 Linear layers (dense or conv), in forward order, l = 1..L:
   * `preact_var_{min,mean,median}`: variance of the layer's output z_l per output unit /
@@ -20,7 +20,7 @@ before `+ eps` (the statistics every normalizer sows into "norm_stats"):
     (`[N]`; sigma2 is the mean square).
   * `var_{min,mean,median}` over the groups; `sigma2_min`.
   * `factor`: `lipnorm.normalizers.lipschitz_factor(gamma, sigma2, eps)`, the normalizer
-    factor of SPEC section 2 (exact for eval-mode BN; an upper bound on the local
+    factor of docs/theory.md#normalizer-factor (exact for eval-mode BN; an upper bound on the local
     Jacobian norm for LN/GN/IN/RMS on this batch).
   * `amplifying_fraction` (claim C7): the fraction of groups whose divisor is smaller
     than their gain, i.e. whose own factor exceeds 1:
@@ -30,7 +30,7 @@ before `+ eps` (the statistics every normalizer sows into "norm_stats"):
     channels; gamma = 1 when the layer has no scale). `groups` is the number of groups.
   * `gamma_absmax`: max_j |gamma_j| (1 without scale).
   * `cumprod_var_mean`, `cumprod_var_min`, `cumprod_factor`: products over the first
-    l normalizers (the normalized bound of SPEC multiplies the factors).
+    l normalizers (the normalized bound of docs/theory.md multiplies them).
 
 BatchNorm mode: `use_batch_stats=False` (eval mode) normalizes with the running
 statistics, so `sigma2` is the running variance while `var` is still the probe batch's

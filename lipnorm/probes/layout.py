@@ -23,7 +23,7 @@ class ProbeLayout:
     linear_normalized: True where the linear map's output goes straight into a
       normalizer (kind != "none") in the same Sequential; its pre-activation variance is
       then that normalizer's input variance, and the remaining ones are the
-      "unnormalized layers" whose pre-activation variance SPEC's layer statistics ask for.
+      "unnormalized layers" whose pre-activation variance docs/theory.md#layer-statistics asks for.
     norm_paths / norm_kinds / norm_eps: each normalizer (kind != "none") with its
       registry name and epsilon.
   """

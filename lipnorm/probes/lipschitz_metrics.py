@@ -76,7 +76,7 @@ def bounds(model: nn.Module, variables: Mapping, xs: jax.Array, bn_mode: str
   """The engine's bound report for the function measured in `bn_mode`, with normalizer
   statistics measured on `xs` (so LN/GN/IN/RMS and batch_fixed BN factors hold on this
   data): "bound" = normalized_bound (inf where none is sound), "product_bound" = the
-  same composition with every normalizer counted as 1 (SPEC's unnormalized product
+  same composition with every normalizer counted as 1 (the unnormalized product bound
   prod ||W_l||_2 for sequential nets), "norm_factor_product" = product of the normalizer
   factors."""
   stats = _finite_or_none(lipschitz.normalizer_stats, model, variables, xs, bn_mode=bn_mode)
