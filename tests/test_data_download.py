@@ -264,3 +264,13 @@ def test_real_cifar10_archive_with_its_local_md5(shared_data, server, tmp_path, 
   clear_cache()
   splits = load_splits("cifar10", LoadRequest(data_dir=str(tmp_path)))
   assert splits.train_images.shape == (50000, 32, 32, 3)
+
+
+def test_download_flag_is_not_a_config_change_of_a_workdir():
+  """Turning `data.download` on (or a workdir written before the field existed) does not
+  make a rerun refuse the workdir."""
+  from lipnorm.training.workdir import config_differences
+  old = {"data": {"source": "cifar10", "batch_size": 128}}
+  assert config_differences(old, {"data": {**old["data"], "download": True}}) == []
+  assert config_differences(old, {"data": {**old["data"], "batch_size": 64}}) == [
+      "data.batch_size: 128 -> 64"]
