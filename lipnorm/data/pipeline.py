@@ -401,6 +401,7 @@ def get_dataset(data_config: Any, *, seed: int, num_local_devices: int,
     digits_test_fraction: test share of the stratified digits split (default 0.2).
     prefetch: training batches prepared ahead in a thread (default 2; 0 = none).
     crop_padding: pixels of zero padding for the random crop (default 4).
+    download: fetch the official files when missing (default False: offline only).
   process_index / process_count default to `jax.process_index()` / `jax.process_count()`.
   """
   source_name = _field(data_config, "source", "digits")
@@ -432,7 +433,8 @@ def get_dataset(data_config: Any, *, seed: int, num_local_devices: int,
   data_dir = _field(data_config, "data_dir")
   request = LoadRequest(
       data_dir=str(data_dir) if data_dir else None, num_train=num_train, num_test=num_test,
-      digits_test_fraction=float(_field(data_config, "digits_test_fraction", 0.2)))
+      digits_test_fraction=float(_field(data_config, "digits_test_fraction", 0.2)),
+      download=bool(_field(data_config, "download", False)))
   splits = load_splits(source_name, request)
   return Dataset(splits, seed=seed, batch_size=int(batch_size),
                  eval_batch_size=int(eval_batch_size),

@@ -28,6 +28,7 @@ class LoadRequest:
   num_train: Optional[int] = None   # a source may read only this many (TFDS does)
   num_test: Optional[int] = None
   digits_test_fraction: float = 0.2
+  download: bool = False            # fetch missing official files (lipnorm.data.download)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +104,18 @@ def _read_cached(name: str, key: Hashable) -> Splits:
 
 
 def load_splits(name: str, request: LoadRequest = LoadRequest()) -> Splits:
-  """Decoded, checked train/test arrays of source `name` (cached in memory)."""
+  """Decoded, checked train/test arrays of source `name` (cached in memory). With
+  `request.download`, missing files of a downloadable source are fetched first."""
   source = SOURCES.get(name)
-  return _read_cached(name, source.resolve(request))
+  try:
+    key = source.resolve(request)
+  except ValueError:
+    from lipnorm.data import download
+    if not (request.download and name in download.DOWNLOADS):
+      raise
+    download.download(name, request.data_dir)
+    key = source.resolve(request)
+  return _read_cached(name, key)
 
 
 def clear_cache() -> None:

@@ -16,7 +16,8 @@ Fields (see README "Training" for the full story):
   dtype                     "float32" or "bfloat16" (compute dtype; params stay float32).
   data.*                    passed to `lipnorm.data.get_dataset` (batch sizes are GLOBAL;
                             source, data_dir, augment, standardize, num_train/num_test
-                            subsets, digits_test_fraction, prefetch, crop_padding).
+                            subsets, digits_test_fraction, prefetch, crop_padding,
+                            download: fetch missing official files, default False).
   optimizer.*               name (sgd, adam, adamw), learning_rate, momentum, nesterov,
                             b1, b2, eps, weight_decay, grad_clip_norm (0 = off).
   schedule.*                name (constant, cosine, step), warmup_steps (linear warmup
@@ -72,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.digits_test_fraction = 0.2      # digits: test share of the stratified split
   c.data.prefetch = 2                    # batches prepared ahead in a thread (0 = none)
   c.data.crop_padding = 4                # augmentation: zero padding for the random crop
+  c.data.download = False                # fetch missing official files (lipnorm.data.download)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
@@ -268,6 +270,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _one_of(config, "data.source", dataset_names())
   _number(config, "data.batch_size", low=1, integer=True)
   _number(config, "data.eval_batch_size", low=1, integer=True)
+  if not isinstance(config.data.download, bool):
+    _fail("data.download", config.data.download, "True or False")
   for key in ("data.num_train", "data.num_test"):
     if _get(config, key) is not None:
       _number(config, key, low=1, integer=True)

@@ -12,8 +12,9 @@ from lipnorm.training.config_schema import ConfigError
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
-# How a job is launched (differs per process and per launch), not what it computes.
-_LAUNCH_KEYS = ("distributed",)
+# How a job is launched (differs per process and per launch) or gets its files, not what
+# it computes: groups or dotted keys.
+_LAUNCH_KEYS = ("distributed", "data.download")
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -34,7 +35,8 @@ def config_as_dict(config) -> dict:
 def config_differences(old: dict, new: dict) -> list[str]:
   """`key: old -> new` for every computation-relevant field that differs."""
   a, b = ({k: v for k, v in traverse_util.flatten_dict(d, sep=".").items()
-           if k.split(".")[0] not in _LAUNCH_KEYS} for d in (old, new))
+           if k.split(".")[0] not in _LAUNCH_KEYS and k not in _LAUNCH_KEYS}
+          for d in (old, new))
   return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
           for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
 
