@@ -77,3 +77,20 @@ def test_hessian_top_eigenvalues_match_explicit_hessian(x64):
     hessian_top_eigenvalues(loss, v["params"], (xs, ys), k=0)
   with pytest.raises(ValueError, match="not finite"):
     hessian_top_eigenvalues(loss, v["params"], (xs * jnp.nan, ys))
+
+
+def test_search_stays_in_ball_and_box_when_starts_lie_outside_the_box():
+  """Clipping a ball projection leaves the ball when the start is outside the box; the
+  exact projection onto their intersection does not. An empty intersection is refused."""
+  model = get_model("relu_net", depth=3, width=8, num_classes=4)
+  xs = jnp.array([[3.0, 0.0, -2.9, 0.5], [0.2, -0.1, 0.0, 2.8]])
+  v = random_variables(model, (4,))
+  res = lower_bound_search(model, v, xs, steps=20, learning_rate=0.5, radius=1.0,
+                           box=(-2.5, 2.5))
+  dist = jnp.linalg.norm(res.inputs - xs, axis=1)
+  assert float(jnp.max(dist)) <= 1.0 + 1e-5
+  moved = jnp.any(res.inputs != xs, axis=1)
+  assert bool(jnp.any(moved))
+  assert float(jnp.max(jnp.abs(res.inputs[moved]))) <= 2.5 + 1e-6
+  with pytest.raises(ValueError, match=r"xs\[0\] lies .* farther than radius=0.1"):
+    lower_bound_search(model, v, xs, radius=0.1, box=(-2.5, 2.5))

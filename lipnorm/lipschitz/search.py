@@ -86,13 +86,31 @@ def _search(static_model, variables, xs, key, *, mode, steps, power_iters, num_s
     return jnp.mean(diff[:, None] * u, axis=0) / (2 * s)
 
   def project(x, x0):
-    if radius is not None:
+    """Euclidean projection onto {||x - x0|| <= radius} ∩ box (either may be absent)."""
+    if box is None:
+      if radius is None:
+        return x
       d = x - x0
       nd = jnp.linalg.norm(d)
-      x = x0 + d * jnp.minimum(1.0, radius / jnp.maximum(nd, 1e-30))
-    if box is not None:
-      x = jnp.clip(x, box[0], box[1])
-    return x
+      return x0 + d * jnp.minimum(1.0, radius / jnp.maximum(nd, 1e-30))
+    if radius is None:
+      return jnp.clip(x, box[0], box[1])
+    # Clipping a ball projection can leave the ball when x0 lies outside the box. The
+    # exact projection onto the intersection is clip((1 - t) x + t x0) for the smallest
+    # t in [0, 1] that lands in the ball (KKT of the separable problem; the distance
+    # to x0 falls as t grows), found by bisection. t = 1 is feasible: checked upfront.
+    point = lambda t: jnp.clip((1 - t) * x + t * x0, box[0], box[1])
+    inside = lambda t: jnp.linalg.norm(point(t) - x0) <= radius
+
+    def bisect(_, lo_hi):
+      lo, hi = lo_hi
+      mid = 0.5 * (lo + hi)
+      ok = inside(mid)
+      return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    zero, one = jnp.zeros((), x.dtype), jnp.ones((), x.dtype)
+    _, hi = jax.lax.fori_loop(0, 40, bisect, (zero, one))
+    return point(jnp.where(inside(zero), zero, hi))
 
   opt = optax.adam(learning_rate)
   x0 = xs.reshape(n, dim)
@@ -158,6 +176,14 @@ def lower_bound_search(model, variables: Mapping, xs: jax.Array, *, steps: int =
     box = (float(box[0]), float(box[1]))
     if not box[0] < box[1]:
       raise ValueError(f"box={box!r} must be (low, high) with low < high")
+    if radius is not None:   # the ball around each start must meet the box
+      flat = jnp.asarray(xs).reshape(len(xs), -1)
+      gap = jnp.linalg.norm(flat - jnp.clip(flat, box[0], box[1]), axis=1)
+      if float(jnp.max(gap)) > radius:
+        i = int(jnp.argmax(gap))
+        raise ValueError(
+            f"xs[{i}] lies {float(gap[i]):.4g} from box={box!r}, farther than "
+            f"radius={radius!r}: the search region is empty")
   mode = model_info.resolve_bn_mode(model, variables, bn_mode)
   xs = jnp.asarray(xs)
   model_info.check_batch(model, variables, xs)
