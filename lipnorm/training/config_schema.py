@@ -275,8 +275,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   try:
     get_model(config.model.name, num_classes=2, **model_kwargs(config)).structure()
   except (ValueError, TypeError, ArithmeticError) as e:   # ArithmeticError: e.g. width=0
-    raise ConfigError(f"config.model ({config.model.name}, {_model_fields(config)}): "
-                      f"{_one_line(e)}") from None
+    raise model_error(config, e) from None
 
   _one_of(config, "data.source", dataset_names())
   _number(config, "data.batch_size", low=1, integer=True)
@@ -326,8 +325,11 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return config
 
 
-def _model_fields(config) -> str:
-  return ", ".join(f"{k}={v!r}" for k, v in model_kwargs(config).items())
+def model_error(config, error: BaseException) -> ConfigError:
+  """The one-line ConfigError for a model `config.model` cannot build (naming its fields)."""
+  fields = ", ".join(f"{k}={v!r}" for k, v in model_kwargs(config).items())
+  kind = "" if isinstance(error, (ValueError, TypeError)) else f"{type(error).__name__}: "
+  return ConfigError(f"config.model ({config.model.name}: {fields}): {kind}{_one_line(error)}")
 
 
 def _one_line(error: BaseException) -> str:

@@ -30,7 +30,8 @@ from absl import logging
 
 from lipnorm.training import distributed
 from lipnorm.training.checkpointing import Checkpointer
-from lipnorm.training.config_schema import ConfigError, check_batch_sizes, validate_config
+from lipnorm.training.config_schema import (ConfigError, check_batch_sizes, model_error,
+                                            validate_config)
 from lipnorm.training.hooks import Hook, build_hooks
 from lipnorm.training.metrics_writer import MetricsWriter, Progress
 from lipnorm.training.optim import make_optimizer, make_schedule
@@ -38,7 +39,7 @@ from lipnorm.training.run_log import (ACCURACY, latest_by_kind, latest_probes, p
                                       read_records, read_summary, to_json_value,
                                       write_json_atomic, write_summary)
 from lipnorm.training.state import build_model, count_params, create_train_state
-from lipnorm.training.steps import make_steps
+from lipnorm.training.steps import eval_metrics, make_steps
 from lipnorm.training.workdir import (CONFIG_FILE, check_config, config_as_dict,
                                       prepare_workdir)
 
@@ -104,17 +105,14 @@ def _batches(iterator, devices):
 
 
 def evaluate(p_eval, state, ds, devices, split: str = "test") -> dict:
-  """Eval-mode loss and accuracy over a whole split (padding masked out)."""
-  sums = None
-  for batch in ds.eval_batches(split=split):
-    out = p_eval(state, distributed.shard_batch(batch, devices))
-    sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-  if sums is None:
-    raise ValueError(f"evaluation split {split!r} yielded no batches")
-  s = distributed.first_replica(sums)
-  count = float(s["count"])
-  return {"split": split, "loss": float(s["loss_sum"]) / count,
-          ACCURACY: float(s["correct"]) / count, "num_examples": int(count)}
+  """Eval-mode loss and accuracy over a whole split (padding masked out): `eval_metrics`
+  of the pmapped `eval_step` sums."""
+  sums = (p_eval(state, distributed.shard_batch(b, devices))
+          for b in ds.eval_batches(split=split))
+  try:
+    return {"split": split, **eval_metrics(sums, distributed.first_replica)}
+  except ValueError:
+    raise ValueError(f"evaluation split {split!r} yielded no batches") from None
 
 
 def _first_nonfinite(host_metrics: list[dict]) -> tuple[Optional[int], list[str]]:
@@ -228,7 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
     host_state = jax.device_get(create_train_state(model, tx, ds.info.image_shape,
                                                    config.seed))
   except (ValueError, TypeError, ArithmeticError) as e:
-    raise ConfigError(f"config.model ({config.model.name}): {e}") from None
+    raise model_error(config, e) from None
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
   start_step, train_iterator = None, None
   try:
