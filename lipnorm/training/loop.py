@@ -212,12 +212,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
   config = validate_config(config)
   distributed.maybe_initialize(config.distributed)
   check_batch_sizes(config, jax.device_count(), jax.process_count())
-  workdir = prepare_workdir(workdir)
-  config_diffs = check_config(workdir, config, override_config)
-  if jax.process_count() > 1:  # everyone has read the old config before it is replaced
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("lipnorm_config_checked")
-
   ds = _build_dataset(config, dataset_fn)
   total_steps = num_train_steps(config, ds.info.num_train)
   try:   # a model the config check could not foresee (e.g. a shape only the data fixes)
@@ -227,6 +221,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
                                                    config.seed))
   except (ValueError, TypeError, ArithmeticError) as e:
     raise model_error(config, e) from None
+  # Only now, with everything built, is the workdir created.
+  workdir = prepare_workdir(workdir)
+  config_diffs = check_config(workdir, config, override_config)
+  if jax.process_count() > 1:  # everyone has read the old config before it is replaced
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("lipnorm_config_checked")
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
   start_step, train_iterator = None, None
   try:
