@@ -61,7 +61,8 @@ class ConfigError(ValueError):
 
 def base_config() -> ml_collections.ConfigDict:
   """Every training field with its default, locked except `model` (open for the model's
-  keyword arguments; `model.norm_options` is locked too). Config files override values."""
+  keyword arguments; `model.norm_options` is locked too). Config files override values.
+  (One line per field: the defaults are meant to be read in one place, hence its length.)"""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -252,22 +253,30 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   Device-count checks (batch divisibility) happen in `check_batch_sizes` once JAX knows
   the devices.
   """
-  # Imported here: the registries live in modules that import JAX/Flax.
-  from lipnorm.data import dataset_names
-  from lipnorm.models import get_model, model_names
-  from lipnorm.normalizers import get_normalizer, normalizer_names
-  from lipnorm.training.optim import optimizer_names, schedule_names
-
   config = resolve_config(config)
   _number(config, "seed", low=0, integer=True)
+  _check_model(config)
+  _check_data(config)
+  _check_optimizer(config)
+  _check_schedule_and_steps(config)
+  try:   # the one check of config.probes (lipnorm.probes.options)
+    validate_probe_options(dict(config.probes))
+  except ValueError as e:
+    raise ConfigError(_one_line(e)) from None
+  _one_of(config, "distributed.mode", DISTRIBUTED_MODES)
+  _number(config, "distributed.initialization_timeout_s", low=1, integer=True)
+  return config
+
+
+def _check_model(config) -> None:
+  # Imported here: the registries live in modules that import JAX/Flax.
+  from lipnorm.models import get_model, model_names
+  from lipnorm.normalizers import get_normalizer, normalizer_names
   _one_of(config, "model.name", model_names())
   _one_of(config, "model.norm", normalizer_names())
   _one_of(config, "bn_stats", BN_STATS_SCOPES)
   _one_of(config, "dtype", DTYPES)
   norm_options = _plain(config.model.norm_options)
-  if "axis_name" in norm_options:
-    _fail("model.norm_options.axis_name", norm_options["axis_name"],
-          "not set by hand; choose config.bn_stats (global or per_device)")
   try:
     get_normalizer(config.model.norm, **norm_options)
   except ValueError as e:
@@ -277,6 +286,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   except (ValueError, TypeError, ArithmeticError) as e:   # ArithmeticError: e.g. width=0
     raise model_error(config, e) from None
 
+
+def _check_data(config) -> None:
+  from lipnorm.data import dataset_names
   _one_of(config, "data.source", dataset_names())
   _number(config, "data.batch_size", low=1, integer=True)
   _number(config, "data.eval_batch_size", low=1, integer=True)
@@ -284,6 +296,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if _get(config, key) is not None:
       _number(config, key, low=1, integer=True)
 
+
+def _check_optimizer(config) -> None:
+  from lipnorm.training.optim import optimizer_names
   _one_of(config, "optimizer.name", optimizer_names())
   _number(config, "optimizer.learning_rate", low=0, low_open=True)
   _number(config, "optimizer.momentum", low=0, high=1, high_open=True)
@@ -294,7 +309,11 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _number(config, "optimizer.grad_clip_norm", low=0)
   if not isinstance(config.optimizer.nesterov, bool):
     _fail("optimizer.nesterov", config.optimizer.nesterov, "True or False")
+  _number(config, "label_smoothing", low=0, high=1, high_open=True)
 
+
+def _check_schedule_and_steps(config) -> None:
+  from lipnorm.training.optim import schedule_names
   _one_of(config, "schedule.name", schedule_names())
   _number(config, "schedule.warmup_steps", low=0, integer=True)
   _number(config, "schedule.final_lr_fraction", low=0, high=1)
@@ -302,8 +321,6 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   bounds = list(config.schedule.step_boundaries)
   if any(not 0 < b < 1 for b in bounds) or bounds != sorted(bounds):
     _fail("schedule.step_boundaries", tuple(bounds), "increasing fractions in (0, 1)")
-
-  _number(config, "label_smoothing", low=0, high=1, high_open=True)
   if config.num_train_steps != -1:
     _number(config, "num_train_steps", low=1, integer=True)
   else:
@@ -311,18 +328,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
               "keep_checkpoints"):
     _number(config, key, low=1, integer=True)
-  try:   # the one check of config.probes (lipnorm.probes.options)
-    validate_probe_options(dict(config.probes))
-  except ValueError as e:
-    raise ConfigError(_one_line(e)) from None
   if config.schedule.warmup_steps and config.num_train_steps != -1 and (
       config.schedule.warmup_steps >= config.num_train_steps):
     _fail("schedule.warmup_steps", config.schedule.warmup_steps,
           f"fewer than num_train_steps={config.num_train_steps}")
-
-  _one_of(config, "distributed.mode", DISTRIBUTED_MODES)
-  _number(config, "distributed.initialization_timeout_s", low=1, integer=True)
-  return config
 
 
 def model_error(config, error: BaseException) -> ConfigError:
