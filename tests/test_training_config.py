@@ -1,7 +1,6 @@
 """Config checks (each bad input gives one line naming key, value and what is allowed),
 optimizer / schedule registries against their formulas, small helpers."""
 import json
-import os
 import re
 
 import jax

@@ -212,15 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
   config = validate_config(config)
   distributed.maybe_initialize(config.distributed)
   check_batch_sizes(config, jax.device_count(), jax.process_count())
-  ds = _build_dataset(config, dataset_fn)
-  total_steps = num_train_steps(config, ds.info.num_train)
-  try:   # a model the config check could not foresee (e.g. a shape only the data fixes)
-    model = build_model(config, ds.info.num_classes)
-    tx = make_optimizer(config, total_steps)
-    host_state = jax.device_get(create_train_state(model, tx, ds.info.image_shape,
-                                                   config.seed))
-  except (ValueError, TypeError, ArithmeticError) as e:
-    raise model_error(config, e) from None
+  built = _build(config, dataset_fn)
   # Only now, with everything built, is the workdir created.
   workdir = prepare_workdir(workdir)
   config_diffs = check_config(workdir, config, override_config)
@@ -230,26 +222,51 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
   start_step, train_iterator = None, None
   try:
-    start_step, host_state, train_iterator = _restore(checkpointer, host_state, ds)
-    done = _completed_summary(workdir, start_step, total_steps, config_diffs)
+    start_step, host_state, train_iterator = _restore(checkpointer, built.host_state,
+                                                      built.ds)
+    done = _completed_summary(workdir, start_step, built.total_steps, config_diffs)
     if done is not None:
       return done
-    return _run(config, workdir, ds, model, tx, host_state, checkpointer, train_iterator,
-                start_step, config_diffs=config_diffs, extra_hooks=extra_hooks,
-                interactive=interactive, t_start=t_start, total_steps=total_steps)
+    return _run(built, workdir, checkpointer, host_state, train_iterator, start_step,
+                config_diffs=config_diffs, extra_hooks=extra_hooks,
+                interactive=interactive, t_start=t_start)
   finally:
     if hasattr(train_iterator, "close"):  # stops lipnorm.data's prefetch thread
       train_iterator.close()
     checkpointer.close()
 
 
-def _build_dataset(config, dataset_fn):
+@dataclasses.dataclass(frozen=True)
+class _Built:
+  """What a config builds before the workdir is touched."""
+  config: ml_collections.ConfigDict
+  ds: Any
+  model: Any
+  tx: Any
+  total_steps: int
+  schedule: Callable[[int], Any]
+  host_state: Any                  # freshly initialized TrainState (numpy)
+
+
+def _build(config, dataset_fn) -> _Built:
+  """Dataset, step count and schedule (computed once, here), model, optimizer and initial
+  state; ConfigError for data or a model the config cannot build."""
   try:
-    return (dataset_fn or _default_dataset_fn)(
+    ds = (dataset_fn or _default_dataset_fn)(
         config.data, seed=config.seed, num_local_devices=jax.local_device_count(),
         process_index=jax.process_index(), process_count=jax.process_count())
   except ValueError as e:  # bad data settings or missing files: a config problem
     raise ConfigError(f"config.data (source {config.data.source!r}): {e}") from None
+  total_steps = num_train_steps(config, ds.info.num_train)
+  schedule = make_schedule(config, total_steps)
+  try:   # a model the config check could not foresee (e.g. a shape only the data fixes)
+    model = build_model(config, ds.info.num_classes)
+    tx = make_optimizer(config, total_steps, schedule)
+    host_state = jax.device_get(create_train_state(model, tx, ds.info.image_shape,
+                                                   config.seed))
+  except (ValueError, TypeError, ArithmeticError) as e:
+    raise model_error(config, e) from None
+  return _Built(config, ds, model, tx, total_steps, schedule, host_state)
 
 
 def _restore(checkpointer, host_state, ds):
@@ -281,15 +298,16 @@ def _completed_summary(workdir, start_step, total_steps, config_diffs) -> Option
   return summary
 
 
-def _run(config, workdir, ds, model, tx, host_state, checkpointer, train_iterator,
-         start_step, *, config_diffs, extra_hooks, interactive, t_start, total_steps) -> dict:
+def _run(built: _Built, workdir, checkpointer, host_state, train_iterator, start_step, *,
+         config_diffs, extra_hooks, interactive, t_start) -> dict:
   """Everything after building and restoring: the session's outputs, the loop, the
   summary (the caller closes the iterator and the checkpointer)."""
+  config, ds, model = built.config, built.ds, built.model
   devices, is_main = jax.local_devices(), jax.process_index() == 0
   hooks = tuple(build_hooks(config, model, ds)) + tuple(extra_hooks)
-  p_train, p_eval = make_steps(config, model, tx, ds.info.num_classes)
+  p_train, p_eval = make_steps(config, model, built.tx, ds.info.num_classes)
   run = _Run(config=config, workdir=workdir, ds=ds, devices=devices, is_main=is_main,
-             total_steps=total_steps, schedule=make_schedule(config, total_steps),
+             total_steps=built.total_steps, schedule=built.schedule,
              p_train=p_train, p_eval=p_eval, hooks=hooks,
              probe_batch=_probe_batch(config, ds) if hooks else None,
              checkpointer=checkpointer,
