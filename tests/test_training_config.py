@@ -5,6 +5,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -13,7 +14,7 @@ from lipnorm.training import ConfigError, base_config, make_optimizer, make_sche
 from lipnorm.training.config_schema import check_batch_sizes, model_kwargs, validate_config
 from lipnorm.training.distributed import cluster_requested
 from lipnorm.training.metrics_writer import MetricsWriter, read_metrics, to_json_value
-from training_helpers import set_fields
+from training_helpers import set_fields, tiny_config
 
 
 def _config(**changes):
@@ -51,27 +52,53 @@ def test_bad_values_name_key_value_and_allowed(key, value, expected):
   assert re.search(expected, message), message
 
 
-def test_unknown_keys_are_caught():
+def test_unknown_keys_are_caught_by_the_lock():
   c = _config()
-  c.optimizer.momemtum = 0.5                         # a typo, added to an unlocked config
-  assert "config.optimizer.momemtum=0.5" in _error(c)
-  assert "valid keys in config.optimizer:" in _error(c) and "momentum" in _error(c)
-  c = _config()
-  c.warmup = 5
-  assert "config.warmup=5" in _error(c)
-  c = _config()
+  with pytest.raises(AttributeError, match="momemtum"):   # base_config() is locked
+    c.optimizer.momemtum = 0.5
   c.model.widht = 8                                  # model keys go to get_model
   assert "widht" in _error(c) and "width" in _error(c)
+  # A config built some other way (here from a dict) is merged into the locked defaults.
+  raw = _config().to_dict()
+  raw["optimizer"]["momemtum"] = 0.5
+  message = _error(ml_collections.ConfigDict(raw))
+  assert "config.optimizer.momemtum=0.5" in message
+  assert "valid keys in config.optimizer:" in message and "momentum" in message
+  raw = _config().to_dict()
+  raw["warmup"] = 5
+  assert "config.warmup=5" in _error(ml_collections.ConfigDict(raw))
+
+
+def test_defaults_fill_a_partial_config():
+  resolved = validate_config(ml_collections.ConfigDict({"model": {"depth": 3, "width": 8},
+                                                        "optimizer": {"name": "adam"}}))
+  assert resolved.optimizer.name == "adam" and resolved.optimizer.b2 == 0.999
+  assert resolved.model.name == "relu_net" and resolved.model.depth == 3
 
 
 def test_model_and_normalizer_options_are_checked():
   assert "norm_layers=12" in _error(_config(**{"model.norm": "batch", "model.norm_layers": 12}))
   c = _config(**{"model.norm": "batch"})
-  c.model.norm_options = {"num_groups": 4}
+  c.model.norm_options.num_groups = 4
   assert "num_groups" in _error(c) and "allowed" in _error(c)
   c = _config(**{"model.norm": "batch"})
-  c.model.norm_options = {"axis_name": "batch"}
-  assert "bn_stats" in _error(c)
+  with pytest.raises(AttributeError, match="axis_name"):   # set by bn_stats, not by hand
+    c.model.norm_options.axis_name = "batch"
+  c = _config(**{"model.norm": "group", "model.width": 8})
+  c.model.norm_options.num_groups = 4                 # unset options stay out of the model
+  assert model_kwargs(c)["norm_options"] == {"num_groups": 4}
+  validate_config(c)
+  assert "norm_options" not in model_kwargs(_config())
+
+
+def test_impossible_model_shapes_are_config_errors(tmp_path):
+  # width 0 passes the structural check; building the parameters fails. Still one line,
+  # a ConfigError, before the workdir holds anything.
+  with pytest.raises(ConfigError) as info:
+    train(tiny_config(**{"model.width": 0}), str(tmp_path / "w"), interactive=False)
+  message = str(info.value)
+  assert "\n" not in message and "config.model (relu_net" in message and "width=0" in message
+  assert not (tmp_path / "w").exists()
 
 
 def test_norm_layers_from_command_line_strings():

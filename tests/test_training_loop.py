@@ -138,3 +138,71 @@ def test_workdir_with_other_config_is_refused_unless_overridden(full_run, tmp_pa
   wider = tiny_config(**{"probes.batch_size": 5, "num_train_steps": 10, "model.width": 32})
   with pytest.raises(ConfigError, match=r"cannot resume .*checkpoints/10 .*new workdir"):
     train(wider, workdir, interactive=False, override_config=True)
+
+
+def test_summary_has_every_field_and_hook_time(full_run):
+  from lipnorm.training.run_log import SUMMARY_FIELDS
+  _, summary = full_run
+  assert set(summary) == set(SUMMARY_FIELDS)
+  assert summary["probes"]["norms"]["step"] == 8 and "kernel0_fro" in summary["probes"]["norms"]
+  assert summary["hook_time_s"]["norms"] > 0
+  assert 0 < summary["probe_time_share"] < 1
+
+
+def test_probe_time_share_is_measured_around_hook_calls(tmp_path):
+  import time
+
+  def slow(step, variables, batch):
+    time.sleep(0.3)
+    return {"x": 1.0}
+
+  summary = train(tiny_config(**{"num_train_steps": 4}), str(tmp_path),
+                  extra_hooks=[Hook("slow", 2, slow)], interactive=False)
+  # called at steps 0, 2, 4: at least 0.9 s of this call's wall time
+  assert summary["hook_time_s"]["slow"] >= 0.9
+  share = summary["probe_time_share"]
+  np.testing.assert_allclose(share, summary["hook_time_s"]["slow"] / summary["wall_time_s"])
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  assert on_disk["probe_time_share"] == pytest.approx(share)
+
+
+def test_rerunning_a_completed_run_changes_nothing(full_run, tmp_path):
+  shutil.copytree(full_run[0], tmp_path / "w")
+  workdir = tmp_path / "w"
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  summary = train(tiny_config(**{"probes.batch_size": 5}), str(workdir), interactive=False)
+  after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  assert after == before                     # no file written, removed or changed
+  assert summary == json.loads((workdir / "summary.json").read_text())
+  assert summary["probes"]["norms"]["step"] == 8 and summary["steps_per_sec"] > 0
+
+
+def test_resumed_summary_keeps_earlier_probes(tmp_path):
+  config = tiny_config(**{"probes.batch_size": 5})
+  calls = []
+
+  def once(step, variables, batch):
+    calls.append(step)
+    return {"value": float(step)}
+  part = train(config, str(tmp_path), interactive=False,
+               extra_hooks=[Hook("sometimes", 3, once), _sigterm_at(3)])
+  assert part["status"] == "preempted" and part["probes"]["sometimes"]["step"] == 3
+  # The resumed session runs no hook called "sometimes"; its summary still has it.
+  done = train(config, str(tmp_path), interactive=False)
+  assert done["status"] == "completed" and done["probes"]["sometimes"] == {
+      "step": 3, "value": 3.0}
+
+
+def test_workdir_must_be_a_writable_directory(tmp_path):
+  from lipnorm.training import ConfigError
+  (tmp_path / "afile").write_text("x")
+  with pytest.raises(ConfigError, match=r"--workdir .*afile.* is not a directory"):
+    train(tiny_config(), str(tmp_path / "afile"), interactive=False)
+  with pytest.raises(ConfigError, match=r"--workdir .*afile/run.* is not writable"):
+    train(tiny_config(), str(tmp_path / "afile" / "run"), interactive=False)
+  if os.geteuid() == 0:
+    pytest.skip("root writes into read-only directories; the permission case needs a user")
+  ro = tmp_path / "ro"
+  ro.mkdir(mode=0o555)
+  with pytest.raises(ConfigError, match=r"--workdir .*ro.* is not writable"):
+    train(tiny_config(), str(ro), interactive=False)

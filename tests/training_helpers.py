@@ -1,7 +1,8 @@
 """Shared by the training tests: configs/*.py loading and a tiny version of the default
 config (64 digits, a 3-layer width-16 BN net, 8 steps), in Python or as CLI flags."""
-import importlib.util
 import pathlib
+
+from lipnorm.training.config_schema import load_config_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -21,10 +22,7 @@ TINY_CHANGES = {
 
 def load_config(name: str):
   """`configs/<name>.py`'s get_config()."""
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(str(CONFIGS / f"{name}.py"))
 
 
 def set_fields(config, changes: dict):

@@ -1,12 +1,14 @@
-"""`python -m lipnorm.experiments <name> [--preset P] [--out DIR] [key=value ...]`.
+"""`python -m lipnorm.experiments <name> [--preset P] [--out DIR] [--config.a.b=value ...]`.
 
-Parses, applies `key=value` overrides (dotted keys, values as Python literals, else
-strings) to the experiment's config and dispatches to its importable `run(config)`.
+Overrides use train.py's syntax, `--config.a.b=value`, parsed by the same ml_collections
+parser (`lipnorm.training.overrides`); the older bare `a.b=value` form is still read.
+Then dispatches to the experiment's importable `run(config)`. Bad input (an unknown key,
+a value of the wrong type, a bad preset or config value) is one line on stderr and exit
+code 2.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 from typing import Sequence
@@ -14,36 +16,27 @@ from typing import Sequence
 import ml_collections
 
 from lipnorm.experiments.registry import EXPERIMENTS, get_config, get_experiment
+from lipnorm.training.overrides import apply_overrides as apply_config_overrides
+from lipnorm.training.overrides import first_line
+
+EXIT_BAD_INPUT = 2
+
+
+def as_flag(item: str) -> str:
+  """`a.b=value` -> `--config.a.b=value`; `--config.a.b=value` unchanged."""
+  if item.startswith("-"):
+    return item
+  key, sep, _ = item.partition("=")
+  if not sep or not key:
+    raise ValueError(f"override {item!r} is not of the form --config.key=value")
+  return f"--config.{item}"
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]
                     ) -> ml_collections.ConfigDict:
-  """Sets `a.b=value` entries; ValueError for a malformed entry or an unknown key."""
-  for item in overrides:
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-      raise ValueError(f"override {item!r} is not of the form key=value")
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
-    node = config
-    parts = key.split(".")
-    for p in parts[:-1]:
-      if p not in node:
-        raise ValueError(f"unknown config key {key!r}; valid top-level keys: "
-                         f"{sorted(config.keys())}")
-      node = node[p]
-    if parts[-1] not in node:
-      raise ValueError(f"unknown config key {key!r}; valid keys here: {sorted(node.keys())}")
-    old = node[parts[-1]]
-    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-      value = float(value)
-    if isinstance(old, tuple) and isinstance(value, list):
-      value = tuple(value)
-    with node.ignore_type():
-      node[parts[-1]] = value
-  return config
+  """Applies `--config.a.b=value` (or `a.b=value`) overrides in place; ValueError (one
+  line) for a malformed entry, an unknown key or a value of the wrong type."""
+  return apply_config_overrides(config, [as_flag(o) for o in overrides])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,20 +50,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of: default, {', '.join(sorted(exp.presets))}")
     p.add_argument("--out", default=None, help="output folder (config.out_dir)")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.add_argument("overrides", nargs="*",
+                   help="config overrides --config.key=value (or key=value)")
   return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+  """argparse (exit 2 with usage on its own errors), with `--config.*` items kept as
+  overrides in order."""
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  unknown = [a for a in extra if not a.startswith(("--config.", "--noconfig."))]
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  args.overrides = list(args.overrides) + extra if extra else list(args.overrides)
+  return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  config = get_config(args.experiment, args.preset)
-  apply_overrides(config, args.overrides)
-  if args.out is not None:
-    config.out_dir = args.out
-  if args.print_config:
-    print(config)
-    return 0
-  summary = get_experiment(args.experiment).run(config)
+  args = _parse(argv)
+  try:
+    config = get_config(args.experiment, args.preset)
+    apply_overrides(config, args.overrides)
+    if args.out is not None:
+      config.out_dir = args.out
+    if args.print_config:
+      print(config)
+      return 0
+    summary = get_experiment(args.experiment).run(config)
+  except ValueError as e:   # bad input, incl. lipnorm.training.ConfigError
+    print(f"error: {first_line(e)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
   print(json.dumps(summary, indent=1, default=str)[:4000])
   return 0
 

@@ -17,10 +17,8 @@ import numpy as np
 
 from lipnorm.experiments import common, plots
 from lipnorm.experiments.fit import fit_growth
-from lipnorm.experiments.records import first_key, read_records, series
-
-TRAIN_ACCURACY_KEYS = ("accuracy", "train_accuracy", "acc", "train/accuracy")
-EVAL_ACCURACY_KEYS = ("accuracy", "test_accuracy", "eval_accuracy", "eval/accuracy")
+from lipnorm.experiments.records import first_key, has_key, read_records, series
+from lipnorm.training.run_log import ACCURACY
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -116,13 +114,8 @@ def run_dynamics(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     ylabel=f"||W_l|| ({which})")
   plots.lines(ax[1], wsteps, {"product": product}, title="product of all weight norms",
               xlabel="step", ylabel="prod_l ||W_l||")
-  acc = {}
-  tkey = first_key(records, "train", TRAIN_ACCURACY_KEYS)
-  if tkey:
-    acc["train"] = series(records, "train", tkey)
-  ekey = first_key(records, "eval", EVAL_ACCURACY_KEYS)
-  if ekey:
-    acc["eval"] = series(records, "eval", ekey)
+  acc = {kind: series(records, kind, ACCURACY) for kind in ("train", "eval")
+         if has_key(records, kind, ACCURACY)}   # the run log's one accuracy key
   plots.lines(ax[2], {k: v[0] for k, v in acc.items()}, {k: v[1] for k, v in acc.items()},
               title="accuracy", xlabel="step", ylabel="accuracy", log=False,
               styles={"eval": "o--"})

@@ -1,17 +1,18 @@
-"""Reading a training workdir's JSONL log into per-step series.
+"""Per-step series from a training workdir's JSONL log, read through the run-log contract
+(`lipnorm.training.run_log`: its format, its one tolerance rule).
 
-Every line is a JSON object `{"step": int, "kind": "train"|"eval"|"probe"|"event", ...}`.
 Probe lines carry the keys of `lipnorm.probes.flatten_probes` (per-layer lists and
 scalars) and of the Lipschitz hook.
 """
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+
+from lipnorm.training import run_log
 
 
 def find_jsonl(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -29,18 +30,10 @@ def find_jsonl(workdir: str | pathlib.Path) -> pathlib.Path:
 
 
 def read_records(workdir: str | pathlib.Path) -> list[dict]:
-  """All JSONL records of a workdir (or of a .jsonl file), in file order."""
-  records = []
-  with open(find_jsonl(workdir)) as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as e:   # a run killed mid-write leaves a partial line
-        raise ValueError(f"{workdir}: line {lineno} is not JSON ({e})") from None
-  return records
+  """All JSONL records of a workdir (or of a .jsonl file), in file order, as flat dicts
+  (`run_log.read_metrics`: a torn last line is skipped with a warning, any other bad
+  line raises `run_log.RunLogError`, a ValueError)."""
+  return run_log.read_metrics(find_jsonl(workdir))
 
 
 def _match(record: dict, key: str) -> Optional[object]:

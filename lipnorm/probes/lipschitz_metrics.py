@@ -9,10 +9,10 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import linen as nn
 
 from lipnorm import lipschitz
+from lipnorm.losses import cross_entropy
 
 NAN = float("nan")
 
@@ -50,8 +50,7 @@ def loss_fn(model: nn.Module, num_classes: int) -> Callable:
   def loss(params, batch):
     logits = model.apply({**batch["collections"], "params": params}, batch["image"],
                          train=False, use_batch_stats=True if bn else None)
-    labels = jax.nn.one_hot(batch["label"], num_classes)
-    return jnp.mean(optax.softmax_cross_entropy(logits, labels))
+    return jnp.mean(cross_entropy(logits, batch["label"], num_classes))
   return loss
 
 

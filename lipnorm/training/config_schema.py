@@ -1,15 +1,21 @@
 """The training config: every field with its default (`base_config`) and its checks.
 
-A config file in `configs/` starts from `base_config()` and changes values; it may add
-keys only under `config.model` (they are keyword arguments of the chosen model, checked
-by `lipnorm.models.get_model`). Any other key that `base_config()` does not have is an
-error, so a typo such as `optimizer.momemtum` cannot be silently ignored.
+This module holds the defaults, in one place; recipes (values for a model and dataset)
+live in `configs/`. A config file starts from `base_config()` and changes values; it may
+add keys only under `config.model` (keyword arguments of the chosen model, checked by
+`lipnorm.models.get_model`). `base_config()` is locked (ml_collections' own mechanism)
+everywhere but `config.model`, so a typo such as `config.optimizer.momemtum = 0.5`
+raises at once, and `--config.optimizer.momemtum=0.5` is refused by the flag parser;
+`validate_config` merges any other config (e.g. built from a dict) into `base_config()`,
+so an unknown key is refused the same way there.
 
 Fields (see README "Training" for the full story):
   seed                      int, seeds parameter init, data order and dropout.
   model.name, model.norm    model / normalizer registry names; other `model.*` keys are
                             model kwargs (`depth`, `width`, `norm_layers`, ...).
-  model.norm_options        normalizer options (`epsilon`, `momentum`, `num_groups`, ...).
+  model.norm_options.*      normalizer options: epsilon, momentum (BN), num_groups or
+                            group_size (GN), use_scale, use_bias; None (unset) = the
+                            normalizer's default. `--config.model.norm_options.num_groups=8`.
   bn_stats                  "global": BN batch statistics over the global batch (synced
                             over the pmap axis); "per_device": over each device's shard.
                             Running statistics are identical on every replica either way.
@@ -33,6 +39,8 @@ Fields (see README "Training" for the full story):
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any, Iterable, Optional
 
 import ml_collections
@@ -43,6 +51,9 @@ from lipnorm.probes.options import PROBE_OPTIONS, validate_probe_options
 BN_STATS_SCOPES = ("global", "per_device")
 DTYPES = ("float32", "bfloat16")
 DISTRIBUTED_MODES = ("auto", "on", "off")
+# `config.model.norm_options` fields and their types; unset (None) = the normalizer's default.
+NORM_OPTION_FIELDS = {"epsilon": float, "momentum": float, "num_groups": int,
+                      "group_size": int, "use_scale": bool, "use_bias": bool}
 
 
 class ConfigError(ValueError):
@@ -50,14 +61,17 @@ class ConfigError(ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every training field with its default. Config files override values, not keys."""
+  """Every training field with its default, locked except `model` (open for the model's
+  keyword arguments; `model.norm_options` is locked too). Config files override values.
+  (One line per field: the defaults are meant to be read in one place, hence its length.)"""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "relu_net"
   c.model.norm = "none"
-  c.model.norm_options = ml_collections.ConfigDict()
+  c.model.norm_options = ml_collections.ConfigDict(
+      {k: placeholder(t) for k, t in NORM_OPTION_FIELDS.items()})
   c.bn_stats = "global"
   c.dtype = "float32"
 
@@ -109,29 +123,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = placeholder(int)
   c.distributed.process_id = placeholder(int)
   c.distributed.initialization_timeout_s = 300
+  c.lock()
+  c.model.unlock()
+  c.model.norm_options.lock()
   return c
 
 
-def cifar10_sgd_recipe(model_name: str) -> ml_collections.ConfigDict:
-  """`base_config()` with the standard CIFAR-10 recipe of the GPU/TPU configs: `model_name`
-  with BN, batch 128, SGD momentum 0.9, lr 0.1 cosine, weight decay 5e-4, 200 epochs,
-  crop+flip (the CIFAR default), evaluation and checkpoints every 2000 steps."""
-  config = base_config()
-  config.model.name = model_name
-  config.model.norm = "batch"
-  config.data.source = "cifar10"
-  config.data.batch_size = 128
-  config.data.eval_batch_size = 500
-  config.optimizer.name = "sgd"
-  config.optimizer.learning_rate = 0.1
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 5e-4
-  config.schedule.name = "cosine"
-  config.num_epochs = 200.0
-  config.log_every_steps = 100
-  config.eval_every_steps = 2000
-  config.checkpoint_every_steps = 2000
-  return config
+def load_config_file(path: str, *args: str) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of a config file such as `configs/default.py`; a config file may
+  build on another one (e.g. `configs/efficientnet_b3_cifar10.py` on
+  `configs/resnet18_cifar10.py`) by loading it with this function."""
+  path = os.path.abspath(path)
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} not found")
+  name = "lipnorm_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
 
 
 def fields_help() -> str:
@@ -139,7 +148,7 @@ def fields_help() -> str:
   def walk(node, prefix=""):
     for key in sorted(node.keys()):
       value = node[key]
-      if isinstance(value, ml_collections.ConfigDict) and value and key != "norm_options":
+      if isinstance(value, ml_collections.ConfigDict) and value:
         yield from walk(value, f"{prefix}{key}.")
       else:
         yield f"  {prefix}{key} = {_plain(value)!r}"
@@ -180,21 +189,31 @@ def _number(config, key: str, *, low: Optional[float] = None, high: Optional[flo
     _fail(key, value, f"{kind} {' and '.join(s for s in (lo, hi) if s)}".strip())
 
 
-def _unknown_keys(config, reference, prefix: str = "") -> list[str]:
-  """Dotted keys of `config` missing from `reference` (`model.*` is open for model kwargs)."""
-  out = []
-  for key in config.keys():
-    dotted = f"{prefix}{key}"
-    if key not in reference:
-      if not dotted.startswith("model."):
-        out.append(dotted)
+def resolve_config(config) -> ml_collections.ConfigDict:
+  """`base_config()` updated with every value of `config` (a ConfigDict or dict): unset
+  fields get their defaults, and a key `base_config()` lacks (outside `config.model`) is
+  refused by its lock, as a ConfigError naming the key and the valid ones."""
+  resolved = base_config()
+  _merge(resolved, config, "")
+  return resolved
+
+
+def _merge(target: ml_collections.ConfigDict, source, prefix: str) -> None:
+  for key in source.keys():
+    value, dotted = source[key], f"{prefix}{key}"
+    current = target.get(key) if key in target else None
+    if isinstance(current, ml_collections.ConfigDict):
+      if not isinstance(value, (ml_collections.ConfigDict, dict)):
+        _fail(dotted, value, "a group of fields")
+      _merge(current, value, dotted + ".")
       continue
-    sub, ref = config[key], reference[key]
-    if isinstance(ref, ml_collections.ConfigDict) and dotted != "model.norm_options":
-      if not isinstance(sub, (ml_collections.ConfigDict, dict)):
-        _fail(dotted, sub, "a group of fields")
-      out += _unknown_keys(sub, ref, dotted + ".")
-  return out
+    try:
+      with target.ignore_type():   # values are checked by validate_config, with its messages
+        target[key] = value
+    except (KeyError, AttributeError):   # the lock: no such field
+      parent = prefix.rstrip(".")
+      _fail(dotted, value, f"no such key; valid keys{' in config.' + parent if parent else ''}"
+            f": {', '.join(sorted(target.keys()))}")
 
 
 def model_kwargs(config) -> dict[str, Any]:
@@ -222,51 +241,56 @@ def _parse_layers(text: str) -> Any:
 
 
 def _plain(value: Any) -> Any:
-  if isinstance(value, ml_collections.ConfigDict):
-    return value.to_dict()
+  if isinstance(value, ml_collections.ConfigDict):   # unset fields (None) are left out
+    return {k: v for k, v in value.to_dict().items() if v is not None}
   if isinstance(value, list):
     return tuple(value)
   return value
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field before any work; raises ConfigError (one line) on the first problem.
+  Returns the config resolved against `base_config()` (`resolve_config`).
 
   Device-count checks (batch divisibility) happen in `check_batch_sizes` once JAX knows
   the devices.
   """
+  config = resolve_config(config)
+  _number(config, "seed", low=0, integer=True)
+  _check_model(config)
+  _check_data(config)
+  _check_optimizer(config)
+  _check_schedule_and_steps(config)
+  try:   # the one check of config.probes (lipnorm.probes.options)
+    validate_probe_options(dict(config.probes))
+  except ValueError as e:
+    raise ConfigError(_one_line(e)) from None
+  _one_of(config, "distributed.mode", DISTRIBUTED_MODES)
+  _number(config, "distributed.initialization_timeout_s", low=1, integer=True)
+  return config
+
+
+def _check_model(config) -> None:
   # Imported here: the registries live in modules that import JAX/Flax.
-  from lipnorm.data import dataset_names
   from lipnorm.models import get_model, model_names
   from lipnorm.normalizers import get_normalizer, normalizer_names
-  from lipnorm.training.optim import optimizer_names, schedule_names
-
-  unknown = _unknown_keys(config, base_config())
-  if unknown:
-    parent = unknown[0].rpartition(".")[0]
-    valid = sorted(_get(base_config(), parent).keys()) if parent else sorted(base_config().keys())
-    _fail(unknown[0], _get(config, unknown[0]),
-          f"no such key; valid keys{' in config.' + parent if parent else ''}: {', '.join(valid)}")
-
-  _number(config, "seed", low=0, integer=True)
   _one_of(config, "model.name", model_names())
   _one_of(config, "model.norm", normalizer_names())
   _one_of(config, "bn_stats", BN_STATS_SCOPES)
   _one_of(config, "dtype", DTYPES)
-  norm_options = dict(config.model.norm_options or {})
-  if "axis_name" in norm_options:
-    _fail("model.norm_options.axis_name", norm_options["axis_name"],
-          "not set by hand; choose config.bn_stats (global or per_device)")
+  norm_options = _plain(config.model.norm_options)
   try:
     get_normalizer(config.model.norm, **norm_options)
   except ValueError as e:
     raise ConfigError(f"config.model.norm_options={norm_options!r}: {e}") from None
-  kwargs = model_kwargs(config)
   try:
-    get_model(config.model.name, num_classes=2, **kwargs).structure()
-  except (ValueError, TypeError) as e:
-    raise ConfigError(f"config.model ({config.model.name}): {e}") from None
+    get_model(config.model.name, num_classes=2, **model_kwargs(config)).structure()
+  except (ValueError, TypeError, ArithmeticError) as e:   # ArithmeticError: e.g. width=0
+    raise model_error(config, e) from None
 
+
+def _check_data(config) -> None:
+  from lipnorm.data import dataset_names
   _one_of(config, "data.source", dataset_names())
   _number(config, "data.batch_size", low=1, integer=True)
   _number(config, "data.eval_batch_size", low=1, integer=True)
@@ -276,6 +300,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if _get(config, key) is not None:
       _number(config, key, low=1, integer=True)
 
+
+def _check_optimizer(config) -> None:
+  from lipnorm.training.optim import optimizer_names
   _one_of(config, "optimizer.name", optimizer_names())
   _number(config, "optimizer.learning_rate", low=0, low_open=True)
   _number(config, "optimizer.momentum", low=0, high=1, high_open=True)
@@ -286,7 +313,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _number(config, "optimizer.grad_clip_norm", low=0)
   if not isinstance(config.optimizer.nesterov, bool):
     _fail("optimizer.nesterov", config.optimizer.nesterov, "True or False")
+  _number(config, "label_smoothing", low=0, high=1, high_open=True)
 
+
+def _check_schedule_and_steps(config) -> None:
+  from lipnorm.training.optim import schedule_names
   _one_of(config, "schedule.name", schedule_names())
   _number(config, "schedule.warmup_steps", low=0, integer=True)
   _number(config, "schedule.final_lr_fraction", low=0, high=1)
@@ -294,27 +325,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   bounds = list(config.schedule.step_boundaries)
   if any(not 0 < b < 1 for b in bounds) or bounds != sorted(bounds):
     _fail("schedule.step_boundaries", tuple(bounds), "increasing fractions in (0, 1)")
-
-  _number(config, "label_smoothing", low=0, high=1, high_open=True)
   if config.num_train_steps != -1:
     _number(config, "num_train_steps", low=1, integer=True)
   else:
     _number(config, "num_epochs", low=0, low_open=True)
   for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-              "keep_checkpoints", "probes.every_steps", "probes.lipschitz_every_steps",
-              "probes.batch_size"):
+              "keep_checkpoints"):
     _number(config, key, low=1, integer=True)
-  try:
-    validate_probe_options(dict(config.probes))
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
   if config.schedule.warmup_steps and config.num_train_steps != -1 and (
       config.schedule.warmup_steps >= config.num_train_steps):
     _fail("schedule.warmup_steps", config.schedule.warmup_steps,
           f"fewer than num_train_steps={config.num_train_steps}")
 
-  _one_of(config, "distributed.mode", DISTRIBUTED_MODES)
-  _number(config, "distributed.initialization_timeout_s", low=1, integer=True)
+
+def model_error(config, error: BaseException) -> ConfigError:
+  """The one-line ConfigError for a model `config.model` cannot build (naming its fields)."""
+  fields = ", ".join(f"{k}={v!r}" for k, v in model_kwargs(config).items())
+  kind = "" if isinstance(error, (ValueError, TypeError)) else f"{type(error).__name__}: "
+  return ConfigError(f"config.model ({config.model.name}: {fields}): {kind}{_one_line(error)}")
+
+
+def _one_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_batch_sizes(config, device_count: int, process_count: int) -> None:

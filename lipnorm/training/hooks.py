@@ -12,12 +12,13 @@ with `variables` the unreplicated host copy `{"params": ..., "batch_stats": ...}
 The result is written as one JSONL record `{"step", "kind": "probe", "hook": hook.name,
 ...result}` and as TensorBoard scalars `probe/<key>` (lists as `probe/<key>/<i>`).
 Hooks run on every process with identical inputs (so they may use collectives); only
-process 0 writes. They must be pure with respect to the training state.
+process 0 writes. They must be pure with respect to the training state. The loop times
+each call (`summary["hook_time_s"]`, `summary["probe_time_share"]`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Union
+from typing import Callable, Mapping, Union
 
 from lipnorm.probes.hooks import probe_hook_fns
 
@@ -48,9 +49,3 @@ def build_hooks(config, model, ds) -> list[Hook]:
   the top Hessian eigenvalue every `probes.lipschitz_every_steps` ("lipschitz")."""
   return [Hook(name, every, fn)
           for name, every, fn in probe_hook_fns(config, model, ds.info.num_classes)]
-
-
-def run_hooks(hooks: list[Hook], step: int, last_step: int, variables: dict,
-              probe_batch: Any) -> list[tuple[str, HookResult]]:
-  """Runs the hooks due at `step`; returns (name, result) pairs in order."""
-  return [(h.name, h(step, variables, probe_batch)) for h in hooks if h.due(step, last_step)]

@@ -7,7 +7,7 @@ classic `g + wd * w`), and the optimizer itself (adamw decays weights decoupled)
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import optax
 
@@ -71,12 +71,16 @@ def _adamw(cfg, lr: optax.Schedule) -> optax.GradientTransformation:
   return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(config, total_steps: int, schedule: Optional[optax.Schedule] = None
+                   ) -> optax.GradientTransformation:
+  """The optimizer of `config` following `schedule` (default: `make_schedule(config,
+  total_steps)`; the training loop passes the one it also logs learning rates from)."""
   cfg = config.optimizer
   parts = []
   if cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   if cfg.weight_decay > 0 and cfg.name != "adamw":
     parts.append(optax.add_decayed_weights(cfg.weight_decay))
-  parts.append(OPTIMIZERS.get(cfg.name)(cfg, make_schedule(config, total_steps)))
+  schedule = make_schedule(config, total_steps) if schedule is None else schedule
+  parts.append(OPTIMIZERS.get(cfg.name)(cfg, schedule))
   return optax.chain(*parts)

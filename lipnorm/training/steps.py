@@ -8,22 +8,14 @@ devices and B the process's share of the global batch; an eval batch adds
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from lipnorm.losses import cross_entropy
 from lipnorm.training.state import AXIS_NAME, TrainState
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
-                  label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example softmax cross-entropy `[N]` against (optionally smoothed) one-hot labels."""
-  targets = jax.nn.one_hot(labels, num_classes)
-  if label_smoothing:
-    targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-  return optax.softmax_cross_entropy(logits, targets)
 
 
 def _apply_train(model, state: TrainState, params, images, rng):
@@ -74,18 +66,43 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   return new_state, metrics
 
 
+def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int
+              ) -> dict:
+  """`loss_sum`, `correct`, `count` of logits `[N, C]` over the examples with mask 1. An
+  example with non-finite logits counts as wrong with infinite loss (a diverged net must
+  not look accurate)."""
+  logits = logits.astype(jnp.float32)
+  mask = mask.astype(jnp.float32)
+  finite = jnp.all(jnp.isfinite(logits), axis=-1)
+  loss = cross_entropy(jnp.where(finite[:, None], logits, 0.0), labels, num_classes)
+  loss = jnp.where(finite, loss, jnp.inf)
+  right = (jnp.argmax(logits, -1) == labels) & finite
+  return {"loss_sum": jnp.sum(jnp.where(mask > 0, loss, 0.0)),
+          "correct": jnp.sum(right * mask), "count": jnp.sum(mask)}
+
+
+def eval_metrics(sums: Iterable[dict], to_host: Callable[[dict], dict] = lambda t: t
+                 ) -> dict:
+  """Sums `eval_sums` results (on device; `to_host` then maps the total to host scalars,
+  e.g. `distributed.first_replica`) -> {"loss", "accuracy", "num_examples"}: the one
+  place evaluation numbers are formed."""
+  total = None
+  for s in sums:
+    total = s if total is None else jax.tree.map(lambda a, b: a + b, total, s)
+  if total is None:
+    raise ValueError("evaluation got no batches")
+  total = to_host(total)
+  count = float(total["count"])
+  return {"loss": float(total["loss_sum"]) / count,
+          "accuracy": float(total["correct"]) / count, "num_examples": int(count)}
+
+
 def eval_step(state: TrainState, batch: dict, *, model, num_classes: int) -> dict:
-  """Eval-mode (running BN statistics) sums over the global batch, padding masked out:
-  `loss_sum`, `correct`, `count` (call under pmap with AXIS_NAME)."""
-  logits = model.apply(state.variables(), batch["image"], train=False).astype(jnp.float32)
-  mask = batch["mask"].astype(jnp.float32)
-  loss = cross_entropy(logits, batch["label"], num_classes)
-  sums = {
-      "loss_sum": jnp.sum(loss * mask),
-      "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
-      "count": jnp.sum(mask),
-  }
-  return jax.lax.psum(sums, AXIS_NAME)
+  """Eval-mode (running BN statistics) `eval_sums` over the global batch, padding masked
+  out (call under pmap with AXIS_NAME)."""
+  logits = model.apply(state.variables(), batch["image"], train=False)
+  return jax.lax.psum(eval_sums(logits, batch["label"], batch["mask"], num_classes),
+                      AXIS_NAME)
 
 
 def make_steps(config, model, tx, num_classes: int, devices=None

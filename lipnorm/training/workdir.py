@@ -1,30 +1,37 @@
-"""What a run keeps in its workdir besides checkpoints and metrics: the resolved config
-(`config.json`) and the final summary (`summary.json`), both written atomically."""
+"""The workdir itself (a writable directory) and the resolved config it keeps
+(`config.json`, written atomically). metrics.jsonl and summary.json: `run_log`."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import tempfile
 
 from flax import traverse_util
 
 from lipnorm.training.config_schema import ConfigError
+from lipnorm.training.run_log import SUMMARY_FILE, write_json_atomic  # noqa: F401
 
 CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
 # How a job is launched (differs per process and per launch) or gets its files, not what
 # it computes: groups or dotted keys.
 _LAUNCH_KEYS = ("distributed", "data.download")
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes JSON to `path` via a temporary file and rename, so readers (and a run killed
-  mid-write) see either the old file or the new one."""
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+def prepare_workdir(workdir: str) -> str:
+  """Creates `workdir` if needed and checks it is a writable directory; returns its
+  absolute path. ConfigError (one line naming the path) otherwise."""
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir!r} is not a directory (it is a file); allowed: "
+                      f"a new or existing run directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):   # access() is not enough: root, ACLs, ro mounts
+      pass
+  except OSError as e:
+    raise ConfigError(f"--workdir {workdir!r} is not writable ({e.strerror or e}); allowed: "
+                      f"a directory this user can create and write") from None
+  return workdir
 
 
 def config_as_dict(config) -> dict:
@@ -33,10 +40,11 @@ def config_as_dict(config) -> dict:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-  """`key: old -> new` for every computation-relevant field that differs."""
+  """`key: old -> new` for every computation-relevant field that differs (an unset field,
+  null, equals an absent one: configs written before the field existed still match)."""
   a, b = ({k: v for k, v in traverse_util.flatten_dict(d, sep=".").items()
-           if k.split(".")[0] not in _LAUNCH_KEYS and k not in _LAUNCH_KEYS}
-          for d in (old, new))
+           if k.split(".")[0] not in _LAUNCH_KEYS and k not in _LAUNCH_KEYS
+           and v is not None} for d in (old, new))
   return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
           for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
 

@@ -1,0 +1,91 @@
+"""train.py and the experiments CLI as a user runs them: --help exits 0; every bad input
+is one `error:` line and exit code 2; nested overrides (`--config.model.norm_options.*`)
+work; rerunning a completed run prints its summary and changes nothing."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lipnorm.experiments import cli
+from training_helpers import CONFIGS, ROOT, tiny_cli_flags
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+
+def _train_py(*flags: str, timeout: float = 240) -> tuple[int, str, str]:
+  env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4", "JAX_PLATFORMS": "cpu",
+         "JAX_THREEFRY_PARTITIONABLE": "false", "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",
+         "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+def _one_error_line(code: int, out: str, err: str) -> str:
+  assert code == 2, (out, err)
+  assert "Traceback" not in out + err
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), err
+  return lines[0]
+
+
+def test_help_exits_0():
+  code, out, err = _train_py("--help")
+  assert code == 0, err
+  assert "Exit codes" in out and "model.norm_options.num_groups" in out
+
+
+def test_bad_flags_are_one_line_exit_2(tmp_path):
+  (tmp_path / "afile").write_text("x")
+  default = f"--config={CONFIGS / 'default.py'}"
+  cases = [
+      ((f"--workdir={tmp_path / 'w'}",), r"--config"),                    # missing --config
+      ((default, f"--workdir={tmp_path / 'w'}", "--config.num_train_steps=abc"),
+       "num_train_steps=abc"),                                             # not an int
+      ((default, f"--workdir={tmp_path / 'w'}", "--config.model.norm_options.num_groupz=8"),
+       "no such config key 'num_groupz'; did you mean 'num_groups'"),
+      ((default, f"--workdir={tmp_path / 'afile'}"), "is not a directory"),
+      ((default, f"--workdir={tmp_path / 'w'}", "--config.model.norm=group",
+        "--config.model.norm_options.num_groups=5"), "num_groups=5 does not divide"),
+  ]
+  for flags, expected in cases:
+    line = _one_error_line(*_train_py(*flags))
+    assert expected in line, (flags, line)
+  assert not (tmp_path / "w").exists()
+
+
+def test_nested_override_trains_and_rerun_prints_summary(tmp_path):
+  flags = tiny_cli_flags(**{"model.norm": "group", "bn_stats": "global",
+                            "num_train_steps": 2}) + [
+      "--config.model.norm_options.num_groups=8", f"--workdir={tmp_path}"]
+  code, out, err = _train_py(*flags)
+  assert code == 0, err[-3000:]
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert summary["status"] == "completed" and summary["step"] == 2
+  stored = json.loads((tmp_path / "config.json").read_text())
+  assert stored["model"]["norm_options"]["num_groups"] == 8
+  before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+  code, out, err = _train_py(*flags)
+  assert code == 0, err[-3000:]
+  assert json.loads(out.strip().splitlines()[-1]) == summary
+  assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_experiments_cli_errors_and_override_syntax(capsys):
+  assert cli.main(["compare", "--preset", "tiny", "bogus_key=1"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: --config.bogus_key=1: no such config key 'bogus_key'; valid keys: "
+                 "bn_mode, dynamics, hessian, hessian_examples, norm_options, norms, num_eval, "
+                 "num_examples, out_dir, train"]
+  assert cli.main(["compare", "--preset", "tiny", "--config.num_eval=abc"]) == 2
+  assert "num_eval=abc" in capsys.readouterr().err
+  # train.py's syntax, nested into the training config, and the old bare form together.
+  assert cli.main(["compare", "--preset", "tiny", "--print-config",
+                   "--config.train.model.norm_options.num_groups=2", "num_eval=50"]) == 0
+  config = cli.get_config("compare", "tiny")
+  cli.apply_overrides(config, ["--config.train.model.norm_options.num_groups=2",
+                               "num_eval=50", "--config.norms=('none', 'batch')"])
+  assert config.train.model.norm_options.num_groups == 2 and config.num_eval == 50
+  assert config.norms == ("none", "batch")
