@@ -506,7 +506,7 @@ def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
     try:
       chain = certified.build_chain(node, variables, calls, input_shape, bn_mode, stats,
                                     chain_max_dim)
-      chain_value, chain_note = chain.bound(), ""
+      chain_value, chain_note = min(chain.bound(), chain.eclipse_bound()), ""
     except certified.NotAChain as e:
       chain_note = str(e)
   folded = min(folded, paper) if sound else INF

@@ -192,12 +192,43 @@ class ChainBound:
       if j.kind == "act":
         out.append((np.full(j.size, (j.lo + j.hi) / 2), np.full(j.size, (j.hi - j.lo) / 2)))
       else:
-        out.append((np.zeros(j.size), np.full(j.size, j.phi)))
+        out.append(norm_set(j, j.phi))
     return out
+
+  def jacobian_matrices(self, sets: Sequence) -> list[np.ndarray]:
+    """The A_k for the dynamic program: a diagonal A_k (a normalizer's gamma) before a
+    diagonal junction moves past it into A_{k+1} (diagonals commute), so gamma is
+    folded into the next kernel as in the folded product."""
+    mats = list(self.matrices)
+    for k in range(1, len(mats) - 1):
+      a = mats[k]
+      if a.shape[0] == a.shape[1] and sets[k][0].ndim == 1 and \
+          not np.any(a - np.diag(np.diagonal(a))):
+        mats[k + 1] = mats[k + 1] * np.diagonal(a)[None, :]
+        mats[k] = np.eye(a.shape[0])
+    return mats
 
   def bound(self, sets: Optional[Sequence] = None) -> float:
     """The dynamic-program bound for junction sets `[(c, R)]` (default `slope_sets`)."""
-    return chain_dp(self.matrices, sets if sets is not None else self.slope_sets())
+    sets = sets if sets is not None else self.slope_sets()
+    return chain_dp(self.jacobian_matrices(sets), sets)
+
+  def eclipse_bound(self) -> float:
+    """`eclipse_fast` on each stretch of relu junctions, times the normalizer junctions'
+    norm bounds phi in between (sub-multiplicativity): inf where another activation or
+    a normalizer without stats appears. A normalizer's gamma (a diagonal, commuting
+    with the relu slopes) is folded into the next matrix as in `jacobian_matrices`."""
+    if any(j.kind == "act" and (j.lo, j.hi) != (0.0, 1.0) for j in self.junctions):
+      return math.inf
+    mats = self.jacobian_matrices(self.slope_sets())
+    total, stretch = 1.0, [mats[0]]
+    for k, j in enumerate(self.junctions):
+      if j.kind == "norm":
+        total *= eclipse_fast(stretch) * j.phi
+        stretch = [mats[k + 1]]
+      else:
+        stretch.append(mats[k + 1])
+    return total * eclipse_fast(stretch)
 
   # ---------------------------------------------------------------- local (ball)
   def local_sets(self, x0: np.ndarray, radius: float) -> tuple[list, dict]:
@@ -244,7 +275,11 @@ class ChainBound:
       else:
         phi_g, lam_g_all, u0 = _norm_local(j, v0, dev, lam)
         phi = float(np.max(phi_g))
-        sets.append((np.zeros(j.size), np.full(j.size, phi)))
+        center, delta = _norm_jacobian_at(j, v0, lam_g_all, phi_g)
+        if delta < phi / 2:   # the exact Jacobian at z0 plus its variation over the ball
+          sets.append((center, np.full(j.size, delta)))
+        else:
+          sets.append(norm_set(j, phi))
         per = (phi_g * lam_g_all)[j.groups]
         cap = np.sqrt(np.bincount(j.groups))[j.groups]
         v0 = u0
@@ -257,6 +292,44 @@ class ChainBound:
     """(bound on sup ||J_x f(x)||_2 over the l2 ball of `radius` around x0, counts)."""
     sets, counts = self.local_sets(x0, radius)
     return self.bound(sets), counts
+
+
+def norm_set(j: Junction, phi: float) -> tuple[np.ndarray, np.ndarray]:
+  """(center, R) of a normalizer junction with 1/s_g <= phi: per group
+  0 <= M_g / s_g <= phi C_g (Loewner order; C_g the group's centering projection, I for
+  RMS), so X = (phi/2) C + (phi/2) Y with ||Y|| <= 1 (Y = 2X/phi - C lies between -C
+  and C): the center is the matrix (phi/2) C, R = phi/2."""
+  if not math.isfinite(phi):
+    return np.zeros(j.size), np.full(j.size, math.inf)
+  if j.center:
+    same = j.groups[:, None] == j.groups[None, :]
+    center = np.eye(j.size) - same / np.bincount(j.groups)[j.groups][None, :]
+  else:
+    center = np.eye(j.size)
+  return (phi / 2) * center, np.full(j.size, phi / 2)
+
+
+def _norm_jacobian_at(j: Junction, z0: np.ndarray, lam_g: np.ndarray, phi_g: np.ndarray
+                      ) -> tuple[np.ndarray, float]:
+  """(the normalizer's Jacobian X0 at z0 without gamma, delta) with ||X(z) - X0|| <= delta
+  for every z within the ball of `_norm_local`. Per group, N(z) = sqrt(n) g(C z) with
+  g(y) = y / rho, rho = sqrt(||y||^2 + n eps); for a unit h,
+  D[J_g](h) = -(y.h)/rho^3 I - (h y^T + y h^T)/rho^3 + 3 (y.h) y y^T / rho^5, of norm
+  <= 6 ||y|| / rho^3 <= 6 / rho^2, so ||J_N(z) - J_N(z0)|| <= sqrt(n) 6 ||C(z - z0)||
+  / rho_min^2 <= 6 lam_g / (sqrt(n) (var_lo + eps)) along the segment (the ball is
+  convex and var >= var_lo on it); RMS: C = I, mean square for var."""
+  n_groups = len(phi_g)
+  sizes = np.bincount(j.groups, minlength=n_groups).astype(np.float64)
+  mean = np.bincount(j.groups, z0, n_groups) / sizes if j.center else np.zeros(n_groups)
+  y = z0 - mean[j.groups]
+  s2 = np.bincount(j.groups, y * y, n_groups) / sizes + j.epsilon    # s0^2 per group
+  same = j.groups[:, None] == j.groups[None, :]
+  c = np.eye(j.size) - (same / sizes[j.groups][None, :] if j.center else 0.0)
+  inv_s = 1.0 / np.sqrt(s2)[j.groups]
+  outer = np.where(same, np.outer(y, y), 0.0) / (sizes * s2)[j.groups][None, :]
+  center = inv_s[:, None] * (c - outer)
+  delta = float(np.max(6 * lam_g * phi_g ** 2 / np.sqrt(sizes))) * (1 + 1e-6)
+  return center, delta
 
 
 def _norm_local(j: Junction, z0: np.ndarray, dev: np.ndarray, lam: float):
@@ -310,9 +383,45 @@ def chain_dp(matrices: Sequence[np.ndarray], sets: Sequence) -> float:
         g[j] += g[i] * _up(spectral_norm(sq[:, None] * run), scale * float(sq.max()))
       if not np.any(c):
         break
-      run = matrices[j] @ (c[:, None] * run)
-      scale *= norms[j] * float(np.max(np.abs(c)))
+      if c.ndim == 2:   # a normalizer's center (phi/2) C, ||C|| = 1
+        run = matrices[j] @ (c @ run)
+        scale *= norms[j] * float(np.max(np.abs(np.diagonal(c))))
+      else:
+        run = matrices[j] @ (c[:, None] * run)
+        scale *= norms[j] * float(np.max(np.abs(c)))
   return g[m + 1]
+
+
+def eclipse_fast(matrices: Sequence[np.ndarray], margin: float = 1e-6) -> float:
+  """ECLipsE-Fast (Xu & Sivaranjani, NeurIPS 2024) for x -> A_m relu(... relu(A_0 x)):
+  the closed-form sequential solution of LipSDP-Neuron's block-tridiagonal LMI with
+  multipliers T_i = lambda_i I (a special case of LipSDP-Neuron's diagonal T, which is
+  a certified bound for slope-restricted activations in [0, 1]). With m = 1/2 (the
+  slope midpoint), X_0 = I and for each hidden layer i
+      lambda_i = 1 / (2 m^2 lambda_max(A_i X_{i-1}^{-1} A_i^T)),
+      X_i = lambda_i I - lambda_i^2 m^2 A_i X_{i-1}^{-1} A_i^T  (must stay > 0),
+  Lip^2 <= lambda_max(A_m^T A_m X_{m-1}^{-1}). The float64 result gets the relative
+  `margin`; a numerically indefinite X_i gives inf (no certificate)."""
+  m2 = 0.25
+  x_inv = np.eye(matrices[0].shape[1])
+  for a in matrices[:-1]:
+    q = a @ x_inv @ a.T
+    q = (q + q.T) / 2
+    top = float(np.linalg.eigvalsh(q)[-1])
+    if not top > 0:
+      return math.inf
+    lam = 1.0 / (2 * m2 * top)
+    x = lam * np.eye(a.shape[0]) - lam ** 2 * m2 * q
+    x = (x + x.T) / 2
+    w, v = np.linalg.eigh(x)
+    if not w[0] > 1e-9 * w[-1]:
+      return math.inf
+    x_inv = (v / w) @ v.T
+  last = matrices[-1]
+  # lambda_max(A^T A X^{-1}) = lambda_max(A X^{-1} A^T) (same nonzero spectrum)
+  q = last @ x_inv @ last.T
+  top = float(np.linalg.eigvalsh((q + q.T) / 2)[-1])
+  return math.sqrt(max(top, 0.0)) * (1 + margin)
 
 
 def build_chain(node: st.Node, variables: Mapping, calls: Mapping, input_shape: tuple,
@@ -425,3 +534,67 @@ def build_chain(node: st.Node, variables: Mapping, calls: Mapping, input_shape: 
       raise NotAChain(f"{type(layer).__name__} node (not a plain chain)")
   mats = [np.eye(n) if m is None else m for m, n in zip(mats, sizes)]
   return ChainBound(tuple(mats), tuple(biases), tuple(junctions), size)
+
+
+# ---------------------------------------------------------------------- local bounds
+
+@dataclasses.dataclass(frozen=True)
+class LocalBoundReport:
+  """Certified local bounds: `values[i]` >= sup ||J_x f(x)||_2 over the l2 ball of
+  `radius` around example i (so >= the local constant at x_i, and a Lipschitz constant
+  of f on that ball). `raw[i]` is the chain program's value; where the global
+  certified bound holds everywhere (`global_scope == "global"`) `values` is the smaller
+  of the two, else `values == raw`. `fixed` / `unknown`: relu neurons whose slope the
+  ball fixes / leaves open, per example."""
+  values: np.ndarray
+  raw: np.ndarray
+  radius: float
+  scope: str
+  global_certified: float
+  global_scope: str
+  fixed: np.ndarray
+  unknown: np.ndarray
+
+
+def local_upper_bound(model, variables: Mapping, xs, radius: float, *,
+                      stats: Optional[Mapping] = None, bn_mode: str = "eval",
+                      chain_max_dim: int = DEFAULT_CHAIN_MAX_DIM) -> LocalBoundReport:
+  """Certified bounds on the local Lipschitz constant over l2 balls of `radius` around
+  each example of `xs` `[N, ...]` (module docstring, part 2). Sequential chains of
+  dense / conv / avg-pool maps, BN (eval), LN/GN/IN/RMS and relu (or identity)
+  activations; ValueError otherwise. `stats` only feeds the global bound reported
+  beside the local ones."""
+  from lipnorm.lipschitz import bounds   # noqa: PLC0415  (bounds imports this module)
+  if not radius >= 0 or not math.isfinite(radius):
+    raise ValueError(f"radius={radius!r}; allowed: a finite number >= 0")
+  if bn_mode != "eval":
+    raise ValueError(f"bn_mode={bn_mode!r}; local bounds take BN in 'eval' mode only")
+  node = model_info.structure_of(model)
+  if node is None:
+    raise ValueError(f"{type(model).__name__} has no structure()")
+  xs = np.asarray(xs, np.float64)
+  if xs.ndim < 2 or xs.shape[0] < 1:
+    raise ValueError(f"xs must be a batch [N, ...], got shape {xs.shape}")
+  shape = tuple(xs.shape[1:])
+  calls = model_info.module_calls(model, variables, shape)
+  try:
+    chain = build_chain(node, variables, calls, shape, bn_mode, stats, chain_max_dim)
+  except NotAChain as e:
+    raise ValueError(f"local bounds need a sequential chain of explicit maps: {e}") from e
+  report = bounds.upper_bound(model, variables, input_shape=shape, stats=stats,
+                              bn_mode=bn_mode, chain_max_dim=chain_max_dim)
+  raw, fixed, unknown = [], [], []
+  for x in xs:
+    try:
+      value, counts = chain.local(x.reshape(-1), float(radius))
+    except NotAChain as e:
+      raise ValueError(f"local bounds: {e}") from e
+    raw.append(value)
+    fixed.append(counts["fixed"])
+    unknown.append(counts["unknown"])
+  raw = np.asarray(raw)
+  values = np.minimum(raw, report.certified_bound) if report.scope == "global" else raw
+  return LocalBoundReport(values, raw, float(radius),
+                          f"l2 ball of radius {radius:g} around each example",
+                          report.certified_bound, report.scope, np.asarray(fixed),
+                          np.asarray(unknown))
