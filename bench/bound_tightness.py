@@ -7,6 +7,7 @@ bound to the best lower value (largest local constant on the data; for global-sc
 nets also the lower-bound search) and the number of violations (bound < lower value).
 
   python bench/bound_tightness.py [--nets 6] [--search-steps 30] [--seed 0] [--quick]
+                                 [--archs relu_net,cnn] [--norms none,batch,...]
 """
 import argparse
 import os
@@ -24,8 +25,22 @@ def main():
   ap.add_argument("--search-steps", type=int, default=30)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--quick", action="store_true", help="relu_nets only, 3 per normalizer")
+  ap.add_argument("--archs", default="relu_net,cnn", help="comma-separated: relu_net, cnn")
+  ap.add_argument("--norms", default="", help="comma-separated normalizers (default: all)")
   args = ap.parse_args()
-  archs = ("relu_net",) if args.quick else ("relu_net", "cnn")
+  archs = ("relu_net",) if args.quick else tuple(args.archs.split(","))
+  bad = [a for a in archs if a not in ("relu_net", "cnn")]
+  if bad:
+    print(f"error: --archs={args.archs!r}; allowed: relu_net, cnn", file=sys.stderr)
+    sys.exit(2)
+  norms = None
+  if args.norms:
+    norms = {n: None for n in args.norms.split(",")}
+    bad = [n for n in norms if n not in tightness.CNN_NORMS]
+    if bad:
+      print(f"error: --norms={args.norms!r}; allowed: {', '.join(tightness.CNN_NORMS)}",
+            file=sys.stderr)
+      sys.exit(2)
   nets = 3 if args.quick else args.nets
   start = time.time()
 
@@ -36,7 +51,7 @@ def main():
           f"certified {b['certified']:9.4g} ratio {r.ratios['certified']:7.3g} "
           f"(paper {r.ratios['paper']:7.3g})" + (f" VIOLATION {r.violations}"
                                                   if r.violations else ""), flush=True)
-  results = tightness.sweep(nets, archs=archs, seed=args.seed,
+  results = tightness.sweep(nets, archs=archs, seed=args.seed, norms=norms,
                             search_steps=args.search_steps, log=log)
   rows = tightness.summary_rows(results)
   print()

@@ -115,11 +115,13 @@ def evaluate(model, variables, xs, *, arch: str = "", norm: str = "", desc: str 
 def sweep(nets_per_norm: int, *, archs=("relu_net", "cnn"), seed: int = 0,
           num_examples: int = 16, search_steps: int = 30, max_depth: int = 8,
           max_width: int = 64, norms: Optional[dict] = None, log=None) -> list:
-  """`evaluate` on `nets_per_norm` random nets per (arch, normalizer)."""
+  """`evaluate` on `nets_per_norm` random nets per (arch, normalizer); `norms` picks
+  some normalizer names (those an arch does not take are skipped)."""
   rng = np.random.default_rng(seed)
   out = []
   for arch in archs:
-    for norm in (norms or (RELU_NET_NORMS if arch == "relu_net" else CNN_NORMS)):
+    allowed = RELU_NET_NORMS if arch == "relu_net" else CNN_NORMS
+    for norm in [n for n in (norms or allowed) if n in allowed]:
       for _ in range(nets_per_norm):
         model, v, shape, desc = random_net(arch, norm, rng, max_depth=max_depth,
                                            max_width=max_width)
