@@ -38,6 +38,7 @@ def test_bound_is_sound_on_random_relu_nets(norm, opts):
     rep = upper_bound(model, v, input_shape=(7,), stats=stats)
     local = float(jnp.max(input_lipschitz(model, v, xs, bn_mode=bn).value))
     assert rep.sound and local <= rep.normalized_bound * (1 + 1e-5), (seed, local, rep.table())
+    assert local <= rep.certified_bound * (1 + 1e-5) and rep.certified_bound <= rep.paper_bound
     assert rep.scope == ("data" if norm in ("layer", "group", "rms") else "global")
     np.testing.assert_allclose(rep.normalized_bound,
                                rep.product_bound * rep.norm_factor_product(), rtol=1e-9)
@@ -121,6 +122,7 @@ def test_bound_is_sound_on_random_conv_nets(name, kwargs, shape, norm):
     rep = upper_bound(model, v, input_shape=shape, stats=stats)
     local = float(jnp.max(input_lipschitz(model, v, xs, bn_mode=bn).value))
     assert rep.sound and local <= rep.normalized_bound * (1 + 1e-5), (seed, rep.table())
+    assert local <= rep.certified_bound * (1 + 1e-5) <= rep.paper_bound * (1 + 1e-5)
     assert all(e.upper >= e.estimate * (1 - 1e-6) for e in rep.entries)
     if name == "resnet50":
       assert any(e.kind == "pool:max" and e.upper == 2.0 for e in rep.entries)

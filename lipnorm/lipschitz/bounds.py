@@ -39,21 +39,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lipnorm.lipschitz import model_info
+from lipnorm.lipschitz import certified, model_info
 from lipnorm.lipschitz.operator_norms import (DEFAULT_EXACT_MAX_DIM, F64_MARGIN, ConvGeometry,
-                                              OperatorNorm, linear_operator_norm,
+                                              OperatorNorm, conv_operator_norm,
+                                              dense_operator_norm, linear_operator_norm,
                                               pool_operator_norm)
 from lipnorm.models import structure as st
 
 Path = tuple[str, ...]
 INF = float("inf")
+NAN = float("nan")
 PER_SAMPLE_NORMS = ("layer", "group", "instance", "rms")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class BoundEntry:
-  """One node's contribution. `upper`: the sound factor used in `normalized_bound`
-  (inf: none); `product_factor`: the factor used in `product_bound` (1 for normalizers);
+  """One node's contribution. `upper`: the sound factor used in `paper_bound` (inf:
+  none); `product_factor`: the factor used in `product_bound` (1 for normalizers);
+  `certified`: the factor used in the folded product behind `certified_bound` (a
+  normalizer's per-channel part folded into a kernel counts there, not here);
   `estimate`: best estimate of the factor (exact where `exact`)."""
   path: Path
   kind: str
@@ -63,37 +67,76 @@ class BoundEntry:
   exact: bool
   notes: str = ""
   input_shape: tuple = ()
+  certified: float = INF
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class NormFlag:
+  """A near-degenerate normalizer: its (minimum) input variance `sigma2` is below
+  `threshold`, so its factor is dominated by eps and the bound is fragile there."""
+  path: Path
+  kind: str
+  sigma2: float
+  threshold: float
+
+
+@dataclasses.dataclass(frozen=True)
 class BoundReport:
-  """The structured result of `upper_bound` (module docstring)."""
-  entries: list
+  """The structured result of `upper_bound` (module docstring).
+
+  paper_bound: the paper's bound, the product of layer norms and per-normalizer
+    factors (`max|gamma| / sigma`), residual rule as above.
+  certified_bound: lipnorm's tightest certified bound (`lipschitz.certified`): the
+    smaller of `folded_bound` (normalizer diagonals folded into kernels) and
+    `chain_bound` (slope-set dynamic program; inf where the model is not a chain of
+    explicit maps). Never above `paper_bound`.
+  product_bound: the unnormalized product (normalizers counted as 1).
+  scope: where both bounds hold: "global", "data" (LN/GN/IN/RMS: inputs whose
+    normalizer statistics are at least the measured minima), "batch" (BN batch_fixed)
+    or "none" (no sound bound).
+  flags: near-degenerate normalizers (`NormFlag`).
+  """
+  entries: tuple
+  paper_bound: float
+  certified_bound: float
   product_bound: float
-  normalized_bound: float
   estimate: float
   sound: bool
   scope: str
-  reasons: list
+  reasons: tuple
   bn_mode: str
   input_shape: tuple
+  folded_bound: float = INF
+  chain_bound: float = INF
+  certified_method: str = ""
+  flags: tuple = ()
+
+  @property
+  def normalized_bound(self) -> float:
+    """The paper's bound (the name used before `paper_bound`)."""
+    return self.paper_bound
 
   def norm_factor_product(self) -> float:
     """Product of the normalizer factors (meaningful for sequential models, where
-    `normalized_bound == product_bound * norm_factor_product()`)."""
+    `paper_bound == product_bound * norm_factor_product()`)."""
     return math.prod(e.upper for e in self.entries if e.kind.startswith("norm:"))
 
   def table(self) -> str:
     """A plain-text table of the entries and totals."""
-    lines = [f"{'path':32s} {'kind':18s} {'estimate':>12s} {'upper':>12s}  notes"]
+    lines = [f"{'path':32s} {'kind':18s} {'estimate':>12s} {'upper':>12s} {'folded':>12s}"
+             "  notes"]
     for e in self.entries:
       lines.append(f"{'/'.join(e.path) or '-':32s} {e.kind:18s} {e.estimate:12.6g} "
-                   f"{e.upper:12.6g}  {e.notes}")
+                   f"{e.upper:12.6g} {e.certified:12.6g}  {e.notes}")
     lines.append(f"product_bound (unnormalized) = {self.product_bound:.6g}")
-    lines.append(f"normalized_bound = {self.normalized_bound:.6g}  (sound={self.sound}, "
+    lines.append(f"paper_bound = {self.paper_bound:.6g}  (sound={self.sound}, "
                  f"scope={self.scope})")
+    lines.append(f"certified_bound = {self.certified_bound:.6g}  ({self.certified_method}; "
+                 f"folded {self.folded_bound:.6g}, chain {self.chain_bound:.6g})")
     lines.append(f"estimate (uncertified) = {self.estimate:.6g}")
     lines.extend(f"note: {r}" for r in self.reasons)
+    lines.extend(f"flag: {'/'.join(f.path)} ({f.kind}) input variance {f.sigma2:.3g} < "
+                 f"{f.threshold:.3g}: near-degenerate" for f in self.flags)
     return "\n".join(lines)
 
 
@@ -226,80 +269,175 @@ def _mul(a: float, b: float) -> float:
 
 
 class _Composer:
-  """Walks the structure, appending entries and returning (product, normalized,
-  estimate, output shape) for each subtree."""
+  """Walks the structure, appending entries and returning (product, paper, estimate,
+  folded, output shape) for each subtree (`folded`: `certified.py`, part 1)."""
 
-  def __init__(self, variables, calls, bn_mode, stats, conv_kwargs):
+  def __init__(self, variables, calls, bn_mode, stats, conv_kwargs, degenerate_var,
+               paper=True):
+    self.paper = paper
     self.variables, self.calls = variables, calls
     self.bn_mode, self.stats, self.conv_kwargs = bn_mode, stats, conv_kwargs
+    self.degenerate_var = degenerate_var
     self.entries: list[BoundEntry] = []
     self.reasons: list[str] = []
     self.scopes: set[str] = set()
+    self.flags: list[NormFlag] = []
 
-  def add(self, path, kind, est, upper, prod, exact, notes, shape):
+  def add(self, path, kind, est, upper, prod, exact, notes, shape, cert):
     self.entries.append(BoundEntry(tuple(path), kind, float(est), float(upper), float(prod),
-                                   bool(exact), notes, tuple(shape)))
+                                   bool(exact), notes, tuple(shape), float(cert)))
 
   def walk(self, node, shape: tuple):
     if isinstance(node, st.Sequential):
-      prod = norm = est = 1.0
-      for child in node.layers:
-        p, n, e, shape = self.walk(child, shape)
-        prod, norm, est = _mul(prod, p), _mul(norm, n), _mul(est, e)
-      return prod, norm, est, shape
+      return self._walk_sequential(node.layers, shape)
     if isinstance(node, st.Linear):
-      call = self.calls.get(node.path)
-      if call is None:
-        raise ValueError(f"Linear node {'/'.join(node.path)} was never called by the model")
-      op = linear_operator_norm(node, self.variables["params"], call, **self.conv_kwargs)
-      self.add(node.path, node.kind, op.estimate, op.upper, op.upper, op.exact,
-               f"{op.method}; {op.notes}", op.input_shape)
-      out_shape = self._out_shape(node, call, op)
-      est = op.estimate if math.isfinite(op.estimate) else op.upper
-      return op.upper, op.upper, est, out_shape
+      return self._walk_linear(node, shape, None, None)
     if isinstance(node, st.Norm):
-      call = self.calls.get(node.path)
-      if call is not None:
-        shape = tuple(call.in_shape[1:])
-      f, exact, notes, scope = _norm_factor(node, self.variables, self.bn_mode, self.stats)
-      if scope is None:
-        self.reasons.append(f"{'/'.join(node.path)}: {notes}")
-      else:
-        self.scopes.add(scope)
-      self.add(node.path, f"norm:{node.kind}", f, f, 1.0, exact, notes, shape)
-      return 1.0, f, f, shape
+      return self._walk_norm(node, shape, folded_back=False, forward=False)[:5]
     if isinstance(node, st.Activation):
-      self.add((), f"activation:{node.name}", node.lipschitz, node.lipschitz, node.lipschitz,
-               True, "global Lipschitz constant", shape)
-      return node.lipschitz, node.lipschitz, node.lipschitz, shape
+      lip = node.lipschitz
+      self.add((), f"activation:{node.name}", lip, lip, lip, True,
+               "global Lipschitz constant", shape, lip)
+      return lip, lip, lip, lip, shape
     if isinstance(node, st.Flatten):
-      self.add((), "flatten", 1.0, 1.0, 1.0, True, "isometry", shape)
-      return 1.0, 1.0, 1.0, (math.prod(shape),)
+      self.add((), "flatten", 1.0, 1.0, 1.0, True, "isometry", shape, 1.0)
+      return 1.0, 1.0, 1.0, 1.0, (math.prod(shape),)
     if isinstance(node, st.Pool):
       if len(shape) != 3:
         raise ValueError(f"pool {node} needs an [H, W, C] input, got shape {shape}")
       op = pool_operator_norm(node, shape, **self.conv_kwargs)
-      self.add((), op.kind, op.estimate, op.upper, op.upper, op.exact, op.notes, shape)
+      self.add((), op.kind, op.estimate, op.upper, op.upper, op.exact, op.notes, shape,
+               op.upper)
       est = op.estimate if math.isfinite(op.estimate) else op.upper
-      return op.upper, op.upper, est, _pool_out_shape(node, shape)
+      return op.upper, op.upper, est, op.upper, _pool_out_shape(node, shape)
     if isinstance(node, st.Residual):
       start = len(self.entries)
       if node.shortcut is None:
-        sp = sn = se = 1.0
+        sp = sn = se = sc = 1.0
       else:
-        sp, sn, se, _ = self.walk(node.shortcut, shape)
-      bp, bn, be, out_shape = self.walk(node.branch, shape)
+        sp, sn, se, sc, _ = self.walk(node.shortcut, shape)
+      bp, bn, be, bc, out_shape = self.walk(node.branch, shape)
       path = _common_prefix([e.path for e in self.entries[start:]])
       self.add(path, "residual", se + be, sn + bn, sp + bp, False,
-               f"Lip(shortcut) + Lip(branch) = {sn:.4g} + {bn:.4g}", shape)
-      return sp + bp, sn + bn, se + be, out_shape
+               f"Lip(shortcut) + Lip(branch) = {sn:.4g} + {bn:.4g} (folded: {sc:.4g} + "
+               f"{bc:.4g})", shape, sc + bc)
+      return sp + bp, sn + bn, se + be, sc + bc, out_shape
     if isinstance(node, st.Unbounded):
       if node.inner is not None:   # per-layer numbers only; gating keeps the input shape
         self.walk(node.inner, shape)
       self.reasons.append(f"{'/'.join(node.path) or 'block'}: {node.reason}")
-      self.add(node.path, "unbounded", INF, INF, INF, False, node.reason, shape)
-      return INF, INF, INF, shape
+      self.add(node.path, "unbounded", INF, INF, INF, False, node.reason, shape, INF)
+      return INF, INF, INF, INF, shape
     raise ValueError(f"unknown structure node {node!r}")
+
+  def _walk_sequential(self, layers: Sequence, shape: tuple):
+    """Products of the children; per-channel normalizer diagonals are folded into the
+    neighbouring kernels for the folded product (certified.py, part 1)."""
+    prod = paper = est = folded = 1.0
+    pending = None            # a diagonal waiting for the next Linear's input channels
+    folded_back = None        # path of a BN folded into the Linear just walked
+    for idx, child in enumerate(layers):
+      flush = None
+      if isinstance(child, st.Linear):
+        nxt = layers[idx + 1] if idx + 1 < len(layers) else None
+        out_scale = None
+        if isinstance(nxt, st.Norm) and nxt.kind == "batch":
+          out_scale = certified.norm_channel_scale(nxt, self.variables, self.bn_mode,
+                                                   self.stats)
+        p, n, e, c, shape = self._walk_linear(child, shape, pending, out_scale)
+        pending, folded_back = None, (nxt.path if out_scale is not None else None)
+      elif isinstance(child, st.Norm):
+        if pending is not None:
+          flush, pending = pending, None
+        forward = any(isinstance(x, st.Linear) for x in _until_blocked(layers[idx + 1:]))
+        p, n, e, c, shape, pending = self._walk_norm(
+            child, shape, folded_back=child.path == folded_back, forward=forward)
+      elif certified.folds_forward(child) and pending is not None:
+        in_shape = shape
+        p, n, e, c, shape = self.walk(child, shape)
+        if isinstance(child, st.Flatten):
+          pending = certified.tile_scale(pending, math.prod(in_shape))
+      else:
+        if pending is not None:
+          flush, pending = pending, None
+        p, n, e, c, shape = self.walk(child, shape)
+      if flush is not None:
+        folded = _mul(folded, float(np.max(np.abs(flush))) * (1 + F64_MARGIN))
+      prod, paper, est, folded = _mul(prod, p), _mul(paper, n), _mul(est, e), _mul(folded, c)
+    if pending is not None:
+      folded = _mul(folded, float(np.max(np.abs(pending))) * (1 + F64_MARGIN))
+    return prod, paper, est, folded, shape
+
+  def _walk_linear(self, node: st.Linear, shape, in_scale, out_scale):
+    call = self.calls.get(node.path)
+    if call is None:
+      raise ValueError(f"Linear node {'/'.join(node.path)} was never called by the model")
+    params = self.variables["params"]
+    folds = in_scale is not None or out_scale is not None
+    if folds:
+      kernel = model_info.get_at(params, node.path)["kernel"]
+      k = certified.fold_kernel(kernel, node.kind, in_scale, out_scale,
+                                node.feature_group_count)
+      kw = dict(self.conv_kwargs, estimate=False)
+      fold_op = linear_operator_norm(node, _with_kernel(params, node.path, k), call, **kw)
+      cert = fold_op.upper
+      how = ("; folded " + " and ".join(
+          w for w, s in (("input gains", in_scale), ("BN output diagonal", out_scale))
+          if s is not None) + f": {cert:.6g}")
+    if folds and not self.paper:   # the folded kernel only: half the conv work
+      op = dataclasses.replace(fold_op, estimate=NAN, upper=NAN, exact=False,
+                               notes="paper factor skipped (paper=False)")
+    else:
+      op = linear_operator_norm(node, params, call, **self.conv_kwargs)
+    if not folds:
+      cert, how = op.upper, ""
+    self.add(node.path, node.kind, op.estimate, op.upper, op.upper, op.exact,
+             f"{op.method}; {op.notes}{how}", op.input_shape, cert)
+    out_shape = self._out_shape(node, call, op)
+    est = op.estimate if math.isfinite(op.estimate) else op.upper
+    return op.upper, op.upper, est, cert, out_shape
+
+  def _walk_norm(self, node: st.Norm, shape, *, folded_back: bool, forward: bool):
+    """(product 1, paper factor, estimate, folded factor, shape, diagonal to fold into
+    the next Linear or None)."""
+    call = self.calls.get(node.path)
+    if call is not None:
+      shape = tuple(call.in_shape[1:])
+    f, exact, notes, scope = _norm_factor(node, self.variables, self.bn_mode, self.stats)
+    if scope is None:
+      self.reasons.append(f"{'/'.join(node.path)}: {notes}")
+    else:
+      self.scopes.add(scope)
+    self._flag(node)
+    cert, pending = f, None
+    if math.isfinite(f) and node.kind != "none":
+      scale = certified.norm_channel_scale(node, self.variables, self.bn_mode, self.stats)
+      if node.kind == "batch":
+        if folded_back:
+          cert, notes = 1.0, notes + "; folded into the preceding kernel"
+        elif forward and scale is not None:
+          cert, pending = 1.0, scale
+          notes += "; folded into the next kernel"
+      elif scale is not None:   # LN/GN/IN/RMS: 1/sigma stays, gamma moves
+        sigma2 = float(np.min(self.stats[node.path]))
+        if forward:
+          cert, pending = (1 + F64_MARGIN) / math.sqrt(sigma2 + node.epsilon), scale
+          notes += "; gamma folded into the next kernel"
+    self.add(node.path, f"norm:{node.kind}", f, f, 1.0, exact, notes, shape, cert)
+    return 1.0, f, f, cert, shape, pending
+
+  def _flag(self, node: st.Norm):
+    if node.kind in PER_SAMPLE_NORMS and self.stats is not None and node.path in self.stats:
+      sigma2 = float(np.min(self.stats[node.path]))
+    elif node.kind == "batch" and self.bn_mode == "eval":
+      var = model_info.get_at(self.variables.get("batch_stats", {}), node.path + ("var",))
+      sigma2 = INF if var is None else float(np.min(np.asarray(var)))
+    elif node.kind == "batch" and self.stats is not None and node.path in self.stats:
+      sigma2 = float(np.min(self.stats[node.path]))
+    else:
+      return
+    if sigma2 < self.degenerate_var:
+      self.flags.append(NormFlag(node.path, node.kind, sigma2, self.degenerate_var))
 
   def _out_shape(self, node: st.Linear, call, op: OperatorNorm) -> tuple:
     kernel = model_info.get_at(self.variables["params"], node.path)["kernel"]
@@ -310,10 +448,34 @@ class _Composer:
     return (*geom.out_hw, kernel.shape[-1])
 
 
+def _with_kernel(params: Mapping, path: Path, kernel) -> dict:
+  """`params` with the kernel at `path` replaced (the other leaves shared)."""
+  if not path:
+    return {**params, "kernel": kernel}
+  return {**params, path[0]: _with_kernel(params[path[0]], path[1:], kernel)}
+
+
+def _until_blocked(layers: Sequence) -> list:
+  """The leading nodes a per-channel diagonal can travel through, plus the node that
+  stops it (a Linear consumes it; anything else blocks it)."""
+  out = []
+  for layer in layers:
+    out.append(layer)
+    if not certified.folds_forward(layer):
+      break
+  return out
+
+
+DEFAULT_DEGENERATE_VAR = 1e-4
+
+
 def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
                 stats: Optional[Mapping] = None, bn_mode: str = "eval",
                 estimate_convs: bool = True, tol: float = 1e-6, num_iters: int = 100,
-                exact_max_dim: int = DEFAULT_EXACT_MAX_DIM, seed: int = 0) -> BoundReport:
+                exact_max_dim: int = DEFAULT_EXACT_MAX_DIM, seed: int = 0,
+                chain_max_dim: int = certified.DEFAULT_CHAIN_MAX_DIM,
+                degenerate_var: float = DEFAULT_DEGENERATE_VAR,
+                paper: bool = True) -> BoundReport:
   """The bound report of `model` for one example of shape `input_shape` (no batch axis).
 
   Args:
@@ -323,6 +485,13 @@ def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
     estimate_convs, tol, num_iters, exact_max_dim, seed: for conv / avg-pool operator
       norms (`operator_norms.conv_operator_norm`); the certified `upper` never depends
       on the Lanczos estimate.
+    chain_max_dim: the chain bound (`certified.ChainBound`) runs when the model is a
+      sequential chain whose maps have at most this many inputs / outputs (0: never).
+    degenerate_var: normalizers whose (minimum) input variance is below this are listed
+      in `flags`.
+    paper: False skips the unfolded norms of the kernels a normalizer folds into (about
+      half the conv work of a BN ResNet): `paper_bound`, `product_bound`, `estimate`
+      and those entries' `upper` are then NaN; `certified_bound` is unchanged.
   """
   if bn_mode not in model_info.BN_MODES:
     raise ValueError(f"bn_mode={bn_mode!r}; allowed: {', '.join(model_info.BN_MODES)}")
@@ -333,9 +502,11 @@ def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
   calls = model_info.module_calls(model, variables, input_shape)
   comp = _Composer(variables, calls, bn_mode, stats,
                    dict(estimate=estimate_convs, tol=tol, num_iters=num_iters,
-                        exact_max_dim=exact_max_dim, seed=seed))
-  prod, norm, est, _ = comp.walk(node, input_shape)
-  sound = math.isfinite(norm)
+                        exact_max_dim=exact_max_dim, seed=seed), degenerate_var, paper)
+  prod, paper_value, est, folded, _ = comp.walk(node, input_shape)
+  if not paper:
+    prod = paper_value = est = NAN
+  sound = math.isfinite(paper_value) if paper else math.isfinite(folded)
   if sound:
     scope = "data" if "data" in comp.scopes else ("batch" if "batch" in comp.scopes
                                                   else "global")
@@ -349,6 +520,22 @@ def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
   if scope == "batch":
     reasons.append("BN factors use this batch's statistics held fixed (bn_mode "
                    "'batch_fixed'); valid for those statistics only")
-  return BoundReport(entries=comp.entries, product_bound=prod, normalized_bound=norm,
-                     estimate=est, sound=sound, scope=scope, reasons=reasons,
-                     bn_mode=bn_mode, input_shape=input_shape)
+  chain_value, chain_note = INF, "not a chain"
+  if sound and chain_max_dim > 0:
+    try:
+      chain = certified.build_chain(node, variables, calls, input_shape, bn_mode, stats,
+                                    chain_max_dim)
+      chain_value, chain_note = min(chain.bound(), chain.eclipse_bound()), ""
+    except certified.NotAChain as e:
+      chain_note = str(e)
+  folded = (min(folded, paper_value) if paper else folded) if sound else INF
+  cert = min(folded, chain_value)
+  method = ("chain (slope-set dynamic program)" if chain_value < folded else
+            "folded product" + (f"; chain bound unavailable: {chain_note}" if chain_note
+                                else ""))
+  return BoundReport(entries=tuple(comp.entries), paper_bound=paper_value,
+                     certified_bound=cert,
+                     product_bound=prod, estimate=est, sound=sound, scope=scope,
+                     reasons=tuple(reasons), bn_mode=bn_mode, input_shape=input_shape,
+                     folded_bound=folded, chain_bound=chain_value, certified_method=method,
+                     flags=tuple(comp.flags))
