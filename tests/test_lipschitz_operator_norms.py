@@ -151,7 +151,7 @@ def test_bad_conv_arguments():
 
 
 def test_top_eigenvalue_cholesky_certificate_is_sound_and_tight():
-  """The Cholesky route of `_TopEigenvalue` (used for symbols with >= 256 rows) against
+  """The Cholesky route of `_TopEigenvalue` (used for symbols with >= 64 rows) against
   float64 eigvalsh: never below the max, at most ~1e-9 above; in several chunks, with
   exact ties (conjugate copies) and a top matrix the power steps may miss."""
   rng = np.random.default_rng(3)

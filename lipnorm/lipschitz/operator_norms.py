@@ -23,7 +23,7 @@ For each map A the result carries an `estimate` and a sound `upper` (>= ||A||_2)
         frequencies of the spectral norm of the kernel's (Cin x Cout) symbol, per feature
         group (Sedghi, Gupta & Long 2019). Exact for circular padding with stride 1.
         Computed in float64 on single-threaded BLAS: small symbols by batched eigvalsh;
-        large ones (>= 256 rows) certified by Cholesky factorizations of mu I - G
+        large ones (>= 64 rows) certified by Cholesky factorizations of mu I - G
         against the exact top eigenvalue of the likeliest frequencies (`_TopEigenvalue`),
         at most ~1e-9 relative above the exact maximum.
       - the patch bound: A = (I (x) K^T) P with P the im2col map, a 0/1 matrix with one
@@ -254,17 +254,14 @@ def _cholesky_failures(mats: np.ndarray) -> list[int]:
                                             _cholesky_failures(mats[half:])]
 
 
-def _rayleigh(mats: np.ndarray, steps: int, rng: np.random.Generator) -> np.ndarray:
-  """`[F]` Rayleigh quotients of the smaller Gram of each `mats[f]` `[a, b]` after
-  `steps` batched power steps (each a lower bound on sigma_max(mats[f])^2)."""
-  if mats.shape[1] > mats.shape[2]:
-    mats = np.conj(np.swapaxes(mats, 1, 2))
-  adj = np.conj(np.swapaxes(mats, 1, 2))
-  v = rng.standard_normal((mats.shape[0], mats.shape[1], 1)).astype(mats.dtype)
+def _rayleigh(grams: np.ndarray, steps: int, rng: np.random.Generator) -> np.ndarray:
+  """`[F]` Rayleigh quotients of Hermitian PSD `grams` `[F, n, n]` after `steps` batched
+  power steps (each a lower bound on lambda_max(grams[f]))."""
+  v = rng.standard_normal((grams.shape[0], grams.shape[1], 1)).astype(grams.dtype)
   for _ in range(steps):
-    v = mats @ (adj @ v)
+    v = grams @ v
     v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-300)
-  return np.sum(np.abs(adj @ v) ** 2, axis=(1, 2))
+  return np.real(np.conj(np.swapaxes(v, 1, 2)) @ grams @ v)[:, 0, 0]
 
 
 class _TopEigenvalue:
@@ -284,9 +281,10 @@ class _TopEigenvalue:
   (1 + slack)(1 + margin) times it."""
 
   def __init__(self, make, count: int, chunk: int, *, slack: float = 1e-9,
-               power_steps: int = 12, candidates: int = 3, min_dim: int = 256,
-               seed: int = 0):
+               power_steps: int = 12, candidates: int = 3, min_dim: int = 64,
+               seed: int = 0, cache_bytes: int = 256 << 20):
     self.make, self.count, self.chunk = make, count, chunk
+    self.cache_bytes = cache_bytes
     self.slack, self.power_steps, self.candidates = slack, power_steps, candidates
     self.min_dim = min_dim
     self.rng = np.random.default_rng(seed)
@@ -302,19 +300,26 @@ class _TopEigenvalue:
       n = min(first.shape)
       top = max(float(np.max(np.linalg.eigvalsh(_grams(m)))) for _, m in self._chunks())
       return top * (1 + _gram_margin(n))
-    rayleigh = np.concatenate([_rayleigh(m, self.power_steps, self.rng)
-                               for _, m in self._chunks()])
-    lower, upper, n = 0.0, 0.0, 1
-    for f in np.argsort(rayleigh)[::-1][:self.candidates]:
-      grams = _grams(self.make(int(f), int(f) + 1))
-      lower = max(lower, _lambda_max(grams[0]))
-    upper = lower
+    # Gram matrices are kept between the passes when they fit in `cache_bytes`
+    cache = (self.count * min(first.shape) ** 2 * 16 <= self.cache_bytes)
+    kept, rayleigh = [], []
     for _, mats in self._chunks():
       grams = _grams(mats)
-      n = max(n, grams.shape[1])
+      rayleigh.append(_rayleigh(grams, self.power_steps, self.rng))
+      kept.append(grams if cache else None)
+    rayleigh = np.concatenate(rayleigh)
+    lower, n = 0.0, min(first.shape)
+    for f in np.argsort(rayleigh)[::-1][:self.candidates]:
+      c, r = divmod(int(f), self.chunk)
+      gram = kept[c][r] if cache else _grams(self.make(int(f), int(f) + 1))[0]
+      lower = max(lower, _lambda_max(gram))
+    upper = lower
+    for c, (_, mats) in enumerate(self._chunks() if not cache else
+                                  ((None, None) for _ in kept)):
+      grams = kept[c] if cache else _grams(mats)
       mu = max(lower * (1 + self.slack), np.finfo(np.float64).tiny)
       shifted = -grams
-      shifted[:, np.arange(grams.shape[1]), np.arange(grams.shape[1])] += mu
+      shifted[:, np.arange(n), np.arange(n)] += mu
       failed = _cholesky_failures(shifted)
       if len(failed) < len(shifted):
         upper = max(upper, mu)
