@@ -45,7 +45,7 @@ import functools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,10 @@ class OperatorNorm:
   iterations, rel_change: of the Lanczos iteration (0 otherwise).
   input_shape: the map's input `[H, W, C]` or `[D]` (one example).
   notes: how `upper` was obtained.
+  converged: the Lanczos iteration met its tolerance (True for non-iterative methods).
+  vector: the top right singular vector `[H, W, C]` Lanczos found (float32; None
+    otherwise): pass it back as `start` (`start_vectors` of `layer_operator_norms`) at
+    the next probe of slowly changing weights to converge in a few steps.
   """
   path: Path
   kind: str
@@ -82,6 +86,8 @@ class OperatorNorm:
   rel_change: float = 0.0
   input_shape: tuple = ()
   notes: str = ""
+  converged: bool = True
+  vector: Optional[np.ndarray] = dataclasses.field(default=None, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------------------- dense
@@ -517,10 +523,12 @@ def conv_operator_norm(kernel, input_shape: Sequence[int], *, strides=(1, 1),
                        padding="SAME", feature_group_count: int = 1, path: Path = (),
                        kind: str = "conv", estimate: bool = True, tol: float = 1e-6,
                        num_iters: int = 100, exact_max_dim: int = DEFAULT_EXACT_MAX_DIM,
-                       seed: int = 0) -> OperatorNorm:
+                       seed: int = 0, start=None) -> OperatorNorm:
   """Spectral norm of the 2-D conv with `kernel` `[kh, kw, Cin/g, Cout]` on inputs of
   `input_shape` `[H, W, Cin]` (module docstring). `estimate=False` skips the Lanczos
-  iteration of large layers (then `estimate` is NaN and only `upper` is meaningful)."""
+  iteration of large layers (then `estimate` is NaN and only `upper` is meaningful).
+  `start`: Lanczos start vector `[H, W, Cin]` (e.g. a previous result's `vector`);
+  default a random one from `seed`."""
   kernel = jnp.asarray(kernel)
   if kernel.ndim != 4:
     raise ValueError(f"conv kernel of shape {kernel.shape}: only 2-D convs [kh, kw, in, out]")
@@ -539,25 +547,32 @@ def conv_operator_norm(kernel, input_shape: Sequence[int], *, strides=(1, 1),
     # is max_g ||K_g|| = the patch bound, so the circulant bound cannot be tighter)
     circ, torus = circulant_bound(kernel, geom, g)
     bounds[f"circulant on a {torus[0]}x{torus[1]} torus"] = circ
-  iters, rel = 0, 0.0
+  iters, rel, converged, vector = 0, 0.0, True, None
   if min(in_dim, out_dim) <= exact_max_dim and \
       in_dim * out_dim * 8 <= DEFAULT_MAX_MATRIX_BYTES:
     value = _explicit_norm(conv_matrix(kernel, geom, g))
     bounds["explicit float64 matrix"] = value * (1 + F64_MARGIN)
     exact, method = True, "explicit"
   elif estimate:
-    x0 = np.random.default_rng(seed).standard_normal((h, w, cin)).astype(kernel.dtype)
-    eig = _conv_lanczos(kernel, jnp.asarray(x0), geom=geom, groups=g, num_iters=num_iters,
-                        tol=tol)
+    if start is not None and np.shape(start) != (h, w, cin):
+      raise ValueError(f"Lanczos start vector of shape {np.shape(start)}; expected the "
+                       f"layer's input shape {(h, w, cin)}")
+    x0 = np.random.default_rng(seed).standard_normal((h, w, cin)) if start is None else \
+        np.asarray(start)
+    eig = _conv_lanczos(kernel, jnp.asarray(x0, kernel.dtype), geom=geom, groups=g,
+                        num_iters=num_iters, tol=tol)
     value = math.sqrt(max(float(eig.eigenvalues[0]), 0.0))
     iters, rel = int(eig.iterations), float(eig.rel_change)
+    converged = bool(eig.converged)
+    vector = np.asarray(eig.eigenvectors[0]).reshape(h, w, cin)
     exact, method = False, "lanczos"
   else:
     value, exact, method = float("nan"), False, "none"
   best = min(bounds, key=bounds.get)
   return OperatorNorm(path, kind, value, bounds[best], exact, method, iters, rel,
                       (h, w, cin), notes=f"upper = {best} bound; " + ", ".join(
-                          f"{k}: {v:.6g}" for k, v in bounds.items()))
+                          f"{k}: {v:.6g}" for k, v in bounds.items()),
+                      converged=converged, vector=vector)
 
 
 # ---------------------------------------------------------------------------- pools
@@ -591,7 +606,8 @@ def pool_operator_norm(pool: st.Pool, input_shape: Sequence[int], **conv_kwargs
 
 def linear_operator_norm(node: st.Linear, params: Mapping, call: model_info.ModuleCall,
                          **conv_kwargs) -> OperatorNorm:
-  """Operator norm of one Linear node given its module call (input shape)."""
+  """Operator norm of one Linear node given its module call (input shape);
+  `conv_kwargs` go to `conv_operator_norm` (dense kernels need none)."""
   layer = model_info.get_at(params, node.path)
   if layer is None or "kernel" not in layer:
     raise ValueError(f"no params['{'/'.join(node.path)}']['kernel'] for Linear node {node}")
@@ -621,13 +637,17 @@ def linear_operator_norm(node: st.Linear, params: Mapping, call: model_info.Modu
 def layer_operator_norms(model, variables: Mapping, *, input_shape: Sequence[int],
                          estimate: bool = True, tol: float = 1e-6, num_iters: int = 100,
                          exact_max_dim: int = DEFAULT_EXACT_MAX_DIM, seed: int = 0,
-                         workers: int = 2) -> dict[Path, OperatorNorm]:
+                         workers: int = 2,
+                         start_vectors: Optional[Mapping[Path, np.ndarray]] = None
+                         ) -> dict[Path, OperatorNorm]:
   """`OperatorNorm` of every Linear node of `model.structure()`, keyed by its path, at
   the input size each layer sees for one example of shape `input_shape` (no batch axis;
   found by tracing the model under `jax.eval_shape`). `workers` threads compute layers
   in parallel. `estimate=False` skips the Lanczos estimate of large convs: use it where
   only the certified `upper` is needed (ResNet-18 width 64 at 32x32 then takes seconds
-  instead of minutes)."""
+  instead of minutes). `start_vectors`: `{path: vector}` of a previous call (e.g.
+  `{p: r.vector for p, r in previous.items() if r.vector is not None}`) to warm-start
+  each conv's Lanczos there (a wrong shape is a ValueError)."""
   node = model_info.structure_of(model)
   if node is None:
     raise ValueError(f"{type(model).__name__} has no structure(); see lipnorm.models.structure")
@@ -638,10 +658,13 @@ def layer_operator_norms(model, variables: Mapping, *, input_shape: Sequence[int
       raise ValueError(f"Linear node path {lin.path} was never called on input_shape "
                        f"{tuple(input_shape)}; module paths seen: {sorted(calls)[:20]}")
 
+  starts = dict(start_vectors or {})
+
   def one(lin):
+    kw = {"start": starts[lin.path]} if lin.kind == "conv" and lin.path in starts else {}
     return linear_operator_norm(lin, variables["params"], calls[lin.path],
                                 estimate=estimate, tol=tol, num_iters=num_iters,
-                                exact_max_dim=exact_max_dim, seed=seed)
+                                exact_max_dim=exact_max_dim, seed=seed, **kw)
   if workers < 1:
     raise ValueError(f"workers={workers}; allowed: an int >= 1")
   # NumPy's float64 linear algebra releases the GIL: layers run in parallel threads,
