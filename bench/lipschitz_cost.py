@@ -1,6 +1,11 @@
 """Cost of the Lipschitz engine, as multiples of one forward+backward pass.
 
-Usage (from the repo root):
+Usage (from the repo root, with the package importable, e.g. `pip install -e .` or
+PYTHONPATH=.):
+  python bench/lipschitz_cost.py --goals         # the two cost goals only (~1-2 min):
+                                                 # certified conv norms of ResNet-18
+                                                 # (width 64, 32x32) and param_lipschitz
+                                                 # of relu_net-10 (w512, 32 examples)
   python bench/lipschitz_cost.py                 # full: relu_net-10 (width 512) and
                                                  # ResNet-18 (width 64), batch 128
   python bench/lipschitz_cost.py --small         # CPU-sized: batch 16, ResNet-18 width 8
@@ -22,19 +27,15 @@ Timings exclude compilation (one warm-up call) unless stated.
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lipnorm.lipschitz import input_lipschitz, upper_bound  # noqa: E402
-from lipnorm.models import get_model  # noqa: E402
+from lipnorm.lipschitz import (input_lipschitz, layer_operator_norms, param_lipschitz,
+                               upper_bound)
+from lipnorm.models import get_model
 
 SHAPE = (32, 32, 3)
 ITERS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -112,6 +113,40 @@ def bench_model(name, model, variables, xs, bn_mode, args) -> None:
           f"largest local {float(exact.max()):.4g})")
 
 
+def bench_conv_norms(args) -> None:
+  """Certified operator norms (`upper`, no Lanczos estimate) of every linear layer of
+  ResNet-18 at 32x32: wall and process CPU seconds, cold (first call) and again."""
+  model = get_model("resnet18", width=args.resnet_width, num_classes=10, norm="batch")
+  variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, *SHAPE)))
+  print(f"\n== certified layer operator norms: resnet18 (width {args.resnet_width}) at "
+        f"{SHAPE}, estimate=False, workers={args.workers}")
+  for label in ("first call", "again"):
+    wall, cpu = time.perf_counter(), time.process_time()
+    norms = layer_operator_norms(model, variables, input_shape=SHAPE, estimate=False,
+                                 workers=args.workers)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(f"{label:10s}: {len(norms)} layers in {wall:.2f} s wall, {cpu:.2f} s CPU "
+          f"(goal: <= 10 s on 2 cores)")
+  worst = max(norms.values(), key=lambda o: o.upper)
+  print(f"largest upper {worst.upper:.5g} at {'/'.join(worst.path)} ({worst.notes[:60]})")
+
+
+def bench_param_lipschitz(args) -> None:
+  """param_lipschitz (exact, jacrev Gram) vs one forward+backward of the same batch."""
+  n = args.param_examples
+  model = get_model("relu_net", depth=10, width=args.relu_width, num_classes=10)
+  xs = jax.random.normal(jax.random.key(0), (n, *SHAPE))
+  variables = model.init(jax.random.key(1), xs[:1])
+  unit = fwd_bwd_time(model, variables, xs, jnp.arange(n) % 10, args.repeats)
+  t = timed(lambda: param_lipschitz(model, variables, xs).value, args.repeats)
+  tl = timed(lambda: param_lipschitz(model, variables, xs, per_layer=True).value,
+             args.repeats)
+  print(f"\n== param_lipschitz: relu_net-10 (width {args.relu_width}), {n} examples")
+  print(f"forward+backward {unit * 1e3:.1f} ms; param_lipschitz {t * 1e3:.1f} ms = "
+        f"{t / unit:.1f} x (goal: <= 10 x); with per_layer {tl * 1e3:.1f} ms = "
+        f"{tl / unit:.1f} x")
+
+
 def bench_depth(args, key) -> None:
   print(f"\n== relu_net (width {args.relu_width}) cost vs depth, batch {args.batch}")
   print(f"{'depth':>5s} {'fwd+bwd ms':>11s} {'jacrev ms':>10s} {'ratio':>7s} "
@@ -144,6 +179,11 @@ def main() -> None:
   parser.add_argument("--depths", default="5,10,20,40")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--skip_bound", action="store_true")
+  parser.add_argument("--goals", action="store_true",
+                      help="only the conv-norm and param_lipschitz cost goals")
+  parser.add_argument("--workers", type=int, default=2,
+                      help="threads for layer_operator_norms")
+  parser.add_argument("--param_examples", type=int, default=32)
   args = parser.parse_args()
   args.batch = args.batch or (16 if args.small else 128)
   args.relu_width = args.relu_width or (128 if args.small else 512)
@@ -152,6 +192,10 @@ def main() -> None:
   args.depths = [int(d) for d in args.depths.split(",") if d]
   print(f"devices: {jax.devices()}; batch {args.batch}; input {SHAPE}; methods "
         f"{args.methods}; relu width {args.relu_width}; resnet18 width {args.resnet_width}")
+  if args.goals:
+    bench_conv_norms(args)
+    bench_param_lipschitz(args)
+    return
   key = jax.random.key(0)
   xs = jax.random.normal(key, (args.batch, *SHAPE))
   for name in args.models.split(","):
@@ -167,6 +211,10 @@ def main() -> None:
     label = f"{name} (depth 10, width {args.relu_width})" if name == "relu_net" else \
         f"{name} (width {args.resnet_width}, BN)"
     bench_model(label, model, variables, xs, bn_mode, args)
+  if "resnet18" in args.models.split(","):
+    bench_conv_norms(args)
+  if "relu_net" in args.models.split(","):
+    bench_param_lipschitz(args)
   if args.depths:
     bench_depth(args, key)
 

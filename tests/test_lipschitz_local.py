@@ -209,3 +209,36 @@ def test_auto_never_uses_forward_mode_for_a_cifar_resnet():
   v = random_variables(model, (32, 32, 3))
   res = input_lipschitz(model, v, xs, bn_mode="eval")
   assert res.method == "jacrev" and res.value.shape == (1,)
+
+
+def test_param_lipschitz_of_a_cnn_matches_explicit_svd(x64):
+  """Conv kernels (per-leaf VJP rows) and the Dense head (activation x cotangent Gram)
+  together, against the float64 SVD of the explicitly formed parameter Jacobian."""
+  from lipnorm.lipschitz.local import dense_layer_paths
+  model, v = f64_model(get_model, "cnn", key=3, input_shape=(6, 6, 2), num_classes=3,
+                       widths=(2, 3), norm="layer")
+  xs = jax.random.normal(jax.random.key(5), (2, 6, 6, 2), jnp.float64)
+  assert dense_layer_paths(model, v, xs)          # the Dense fast path is exercised
+  flat, unravel = ravel_pytree(v["params"])
+  jacs = jax.vmap(jax.jacrev(lambda q, x: model.apply({**v, "params": unravel(q)}, x[None],
+                                                      train=False)[0]),
+                  in_axes=(None, 0))(flat, xs)
+  ref = np.linalg.svd(np.asarray(jacs, np.float64), compute_uv=False)[:, 0]
+  res = param_lipschitz(model, v, xs)
+  assert res.total.method == "jacrev" and bool(np.all(res.total.converged))
+  np.testing.assert_allclose(np.asarray(res.value), ref, rtol=1e-9)
+
+
+def test_normalizer_stats_compiles_once_per_model_and_shape():
+  from lipnorm.lipschitz import normalizer_stats
+  from lipnorm.lipschitz.bounds import _sown_norm_stats
+  xs = jax.random.normal(jax.random.key(0), (4, 6))
+  before = None
+  for seed in range(3):   # equal (not identical) models, new variables each time
+    model = get_model("relu_net", depth=2, width=4, num_classes=3, norm="layer")
+    v = random_variables(model, (6,), seed)
+    stats = normalizer_stats(model, v, xs)
+    assert stats and all(np.all(np.asarray(s) > 0) for s in stats.values())
+    size = _sown_norm_stats._cache_size()
+    assert before is None or size == before
+    before = size

@@ -32,6 +32,7 @@ factor has no sound value the totals are `inf`, `sound` is False and `reasons` s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Mapping, Optional, Sequence
 
@@ -142,6 +143,14 @@ class BoundReport:
 
 # ------------------------------------------------------------------------- statistics
 
+@functools.partial(jax.jit, static_argnames=("static_model", "eval_mode"))
+def _sown_norm_stats(static_model, variables, xs, *, eval_mode: bool):
+  """The `norm_stats` collection of one forward pass (eval mode, or batch statistics);
+  compiled once per model, mode and input shape (jit's cache, keyed on the model)."""
+  kwargs = {"train": False} if eval_mode else {"use_batch_stats": True}
+  return static_model.model.apply(variables, xs, mutable=["norm_stats"], **kwargs)[1]
+
+
 def normalizer_stats(model, variables: Mapping, xs: jax.Array, *, bn_mode: str = "eval",
                      batch_size: Optional[int] = None) -> dict[Path, np.ndarray]:
   """Measured input statistics of every normalizer for `upper_bound(stats=...)`.
@@ -160,8 +169,10 @@ def normalizer_stats(model, variables: Mapping, xs: jax.Array, *, bn_mode: str =
   xs = jnp.asarray(xs)
   model_info.check_batch(model, variables, xs)
   norms = st.norm_layers(node)
-  kwargs = ({"use_batch_stats": True} if bn_mode != "eval" else {"train": False})
-  apply = jax.jit(lambda v, x: model.apply(v, x, mutable=["norm_stats"], **kwargs)[1])
+  static, eval_mode = model_info.StaticModel(model), bn_mode == "eval"
+
+  def apply(v, x):
+    return _sown_norm_stats(static, v, x, eval_mode=eval_mode)
   has_batch = any(n.kind == "batch" for n in norms)
   step = xs.shape[0] if (batch_size is None or (has_batch and bn_mode != "eval")) \
       else batch_size

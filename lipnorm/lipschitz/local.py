@@ -223,10 +223,92 @@ def _gram_norm(gram):
   return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram)[-1], 0.0))
 
 
+def dense_layer_paths(model: nn.Module, variables: Mapping, xs: jax.Array) -> tuple:
+  """Module paths of the `nn.Dense` layers called exactly once per forward pass on one
+  example, whose parameters are exactly a 2-D `kernel` (and a `bias`): the layers whose
+  Jacobian Gram `param_lipschitz` reads from activations and output cotangents."""
+  calls: dict[Path, int] = {}
+
+  def count(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+      path = tuple(context.module.path)
+      calls[path] = calls.get(path, 0) + 1
+    return next_fun(*args, **kwargs)
+  clean = {k: v for k, v in variables.items() if k != "norm_stats"}
+  with nn.intercept_methods(count):
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=False), clean, xs[:1])
+  out = []
+  for path, n in calls.items():
+    layer = model_info.get_at(variables["params"], path)
+    if n == 1 and isinstance(layer, Mapping) and "kernel" in layer and \
+        set(layer) <= {"kernel", "bias"} and jnp.ndim(layer["kernel"]) == 2:
+      out.append(path)
+  return tuple(sorted(out))
+
+
+def _leaf_grams(model, apply_one, variables, flat_params, xs, x, i, dense_paths):
+  """`{"leaves": {leaf path: [m, m] Gram J_leaf J_leaf^T}, "finite", "dtype"}` for one
+  example, J_leaf the Jacobian of the m outputs w.r.t. that leaf.
+
+  Dense layers in `dense_paths` (input a `[T, in]` over T positions, T = 1 for a flat
+  input; output cotangent g_c `[T, out]` for output c): d f_c / d W = sum_t a_t g_c,t^T,
+  so <dW_c, dW_d> = sum_{t,s} (a_t . a_s)(g_c,t . g_d,s) and the bias' Gram is
+  (sum_t g_c,t) . (sum_t g_d,t). The output cotangents come from m VJPs w.r.t. a zero
+  perturbation added to each Dense output (intercepted), so no per-example weight
+  gradient is formed for these layers. Every other leaf: its m VJP rows `[m, size]`
+  and their Gram."""
+  dense = set(dense_paths)
+  dense_leaves = {k for k in flat_params if k[:-1] in dense}
+  other = {k: v for k, v in flat_params.items() if k not in dense_leaves}
+
+  def f(sub, deltas):
+    acts = {}
+
+    def perturb(next_fun, args, kwargs, context):
+      path = tuple(context.module.path)
+      if context.method_name != "__call__" or path not in dense:
+        return next_fun(*args, **kwargs)
+      acts[path] = args[0]
+      return next_fun(*args, **kwargs) + deltas[path]
+    params = traverse_util.unflatten_dict({**flat_params, **sub})
+    with nn.intercept_methods(perturb):
+      y = apply_one({**variables, "params": params}, xs, x, i)
+    return ravel_pytree(y)[0], acts
+
+  def shapes(deltas):   # the Dense output shapes, from a trace with scalar perturbations
+    return jax.eval_shape(lambda d: f(other, d)[1], deltas)
+  acts_shape = shapes({p: jnp.zeros((), x.dtype) for p in dense_paths})
+  zeros = {p: jnp.zeros(acts_shape[p].shape[:-1] +
+                        (flat_params[p + ("kernel",)].shape[1],), x.dtype)
+           for p in dense_paths}
+  y, vjp, acts = jax.vjp(f, other, zeros, has_aux=True)
+  eye = jnp.eye(y.size, dtype=y.dtype)
+  d_other, d_out = jax.vmap(vjp)(eye)
+  grams = {}
+  for k, j in d_other.items():
+    j = j.reshape(y.size, -1)
+    grams[k] = jnp.matmul(j, j.T, precision=HIGHEST)
+  for p in dense_paths:
+    a = acts[p].reshape(-1, acts[p].shape[-1])               # [T, in]
+    g = d_out[p].reshape(y.size, a.shape[0], -1)             # [m, T, out]
+    t, n_in, n_out = a.shape[0], a.shape[1], g.shape[2]
+    if t * t * y.size <= n_in * n_out:   # few positions: Gram from inner products
+      aa = jnp.matmul(a, a.T, precision=HIGHEST)                # [T, T]
+      gg = jnp.einsum("cto,dso->cdts", g, g, precision=HIGHEST)  # [m, m, T, T]
+      grams[p + ("kernel",)] = jnp.einsum("ts,cdts->cd", aa, gg, precision=HIGHEST)
+    else:   # many positions: the m kernel gradients themselves are smaller
+      dw = jnp.einsum("ti,cto->cio", a, g, precision=HIGHEST).reshape(y.size, -1)
+      grams[p + ("kernel",)] = jnp.matmul(dw, dw.T, precision=HIGHEST)
+    if p + ("bias",) in flat_params:
+      gs = jnp.sum(g, axis=1)
+      grams[p + ("bias",)] = jnp.matmul(gs, gs.T, precision=HIGHEST)
+  return {"leaves": grams, "finite": jnp.all(jnp.isfinite(y)), "dtype": y.dtype}
+
+
 @functools.partial(jax.jit, static_argnames=("static_model", "mode", "method", "num_iters",
-                                             "tol", "batch_size", "groups"))
+                                             "tol", "batch_size", "groups", "dense_paths"))
 def _param_impl(static_model, variables, xs, keys, *, mode, method, num_iters, tol, batch_size,
-                groups):
+                groups, dense_paths=()):
   model = static_model.model
   variables = prepare_variables(model, variables, xs, mode)
   apply_one = example_apply(model, mode)
@@ -239,16 +321,11 @@ def _param_impl(static_model, variables, xs, keys, *, mode, method, num_iters, t
   def one(args):
     x, i, key = args
     if method == "jacrev":
-      # J = [m, P] as one block per leaf (m VJPs); Gram matrices J_leaf J_leaf^T are
-      # m x m, so no P x P object is ever formed.
-      y, vjp = jax.vjp(lambda p: f_of(p, x, i), flat_params)
-      jac = jax.vmap(lambda c: vjp(c)[0])(jnp.eye(y.size, dtype=y.dtype))
-      grams = {k: jnp.matmul(j.reshape(y.size, -1), j.reshape(y.size, -1).T,
-                             precision=HIGHEST) for k, j in jac.items()}
-      finite = jnp.all(jnp.isfinite(y))
-      total = _exact_meta(_gram_norm(sum(grams.values())), finite, method, y.dtype)
-      per = {g: _exact_meta(_gram_norm(sum(grams[k] for k in ks)), finite, method, y.dtype)
-             for g, ks in groups}
+      grams = _leaf_grams(model, apply_one, variables, flat_params, xs, x, i, dense_paths)
+      total = _exact_meta(_gram_norm(sum(grams["leaves"].values())), grams["finite"],
+                          method, grams["dtype"])
+      per = {g: _exact_meta(_gram_norm(sum(grams["leaves"][k] for k in ks)),
+                            grams["finite"], method, grams["dtype"]) for g, ks in groups}
       return total, per
 
     def norm_over(leaf_keys, k):
@@ -298,8 +375,9 @@ def param_lipschitz(model: nn.Module, variables: Mapping, xs: jax.Array, *,
     act *= n if mode == "batch_coupled" else 1
     per = act * _products(method, num_params, out_dim) + num_params * out_dim * itemsize
     batch_size = _chunk(n, per, max_memory_bytes)
+  dense = dense_layer_paths(model, variables, xs) if method == "jacrev" else ()
   total, per = _param_impl(model_info.StaticModel(model), variables, xs, _keys(key, n),
                            mode=mode, method=method, num_iters=num_iters, tol=float(tol),
-                           batch_size=batch_size, groups=groups)
+                           batch_size=batch_size, groups=groups, dense_paths=dense)
   check_finite(total, "param_lipschitz")
   return ParamLipschitzResult(total=total, per_layer=per)
