@@ -129,7 +129,7 @@ class _TinyConvNet(nn.Module):
   def __call__(self, x, train=False, use_batch_stats=None):
     use_batch = train if use_batch_stats is None else use_batch_stats
     x = nn.Conv(4, (3, 3), use_bias=False, name="conv_0")(x)
-    x = get_normalizer(self.norm)(name="norm_0")(x, use_running_average=not use_batch)
+    x = get_normalizer(self.norm)(name="norm_0")(x, use_batch_stats=use_batch)
     x = nn.relu(x)
     x = nn.Conv(6, (3, 3), strides=(2, 2), name="conv_1")(x)
     x = nn.relu(x).mean(axis=(1, 2))

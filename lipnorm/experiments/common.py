@@ -13,7 +13,6 @@ from flax import linen as nn
 from lipnorm import lipschitz
 from lipnorm.data import get_dataset
 from lipnorm.models import get_model
-from lipnorm.probes import strip_axis_name
 from lipnorm.probes.lipschitz_metrics import has_batchnorm, lipschitz_metrics
 from lipnorm.training import base_config, build_model as build_training_model
 from lipnorm.training import load_checkpoint, train
@@ -95,7 +94,7 @@ def with_norm(train_cfg: ml_collections.ConfigDict, norm: str, options: Mapping[
 
 @dataclasses.dataclass
 class Run:
-  model: nn.Module           # single-device model (no BN axis_name)
+  model: nn.Module           # single-device model (no BN axis)
   variables: dict            # final (or last finite) params / batch_stats
   data: Data
   summary: dict
@@ -118,7 +117,7 @@ def train_and_load(train_cfg: ml_collections.ConfigDict, workdir: str | pathlib.
   if state.get("batch_stats"):
     variables["batch_stats"] = state["batch_stats"]
   variables = jax.tree.map(jnp.asarray, variables)
-  model = strip_axis_name(build_training_model(train_cfg, data.num_classes))
+  model = build_training_model(train_cfg, data.num_classes, pmap=False)
   return Run(model, variables, data, summary, workdir)
 
 

@@ -109,8 +109,7 @@ def normalizer_stats(model, variables: Mapping, xs: jax.Array, *, bn_mode: str =
   (one pass over all of `xs`, no chunking). BN in "eval" needs no stats (running var).
   `batch_size` chunks the forward passes (per-sample statistics only).
   """
-  if bn_mode not in model_info.BN_MODES:
-    raise ValueError(f"bn_mode={bn_mode!r}; allowed: {', '.join(model_info.BN_MODES)}")
+  model_info.check_bn_mode(bn_mode)
   node = model_info.structure_of(model)
   if node is None:
     raise ValueError(f"{type(model).__name__} has no structure()")
@@ -324,8 +323,7 @@ def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
       norms (`operator_norms.conv_operator_norm`); the certified `upper` never depends
       on the Lanczos estimate.
   """
-  if bn_mode not in model_info.BN_MODES:
-    raise ValueError(f"bn_mode={bn_mode!r}; allowed: {', '.join(model_info.BN_MODES)}")
+  model_info.check_bn_mode(bn_mode)
   node = model_info.structure_of(model)
   if node is None:
     raise ValueError(f"{type(model).__name__} has no structure(); see lipnorm.models.structure")

@@ -37,9 +37,9 @@ from typing import Any, Iterable, Optional
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from lipnorm.bn_modes import BN_STATS_SCOPES
 from lipnorm.probes.options import PROBE_OPTIONS, validate_probe_options
 
-BN_STATS_SCOPES = ("global", "per_device")
 DTYPES = ("float32", "bfloat16")
 DISTRIBUTED_MODES = ("auto", "on", "off")
 
@@ -252,9 +252,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _one_of(config, "bn_stats", BN_STATS_SCOPES)
   _one_of(config, "dtype", DTYPES)
   norm_options = dict(config.model.norm_options or {})
-  if "axis_name" in norm_options:
-    _fail("model.norm_options.axis_name", norm_options["axis_name"],
-          "not set by hand; choose config.bn_stats (global or per_device)")
   try:
     get_normalizer(config.model.norm, **norm_options)
   except ValueError as e:
