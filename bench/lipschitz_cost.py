@@ -22,19 +22,14 @@ Timings exclude compilation (one warm-up call) unless stated.
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lipnorm.lipschitz import input_lipschitz, upper_bound  # noqa: E402
-from lipnorm.models import get_model  # noqa: E402
+from lipnorm.lipschitz import input_lipschitz, upper_bound
+from lipnorm.models import get_model
 
 SHAPE = (32, 32, 3)
 ITERS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)

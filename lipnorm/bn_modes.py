@@ -42,7 +42,11 @@ BN_STATS_SCOPES = (GLOBAL, PER_DEVICE)
 
 def uses_batch_stats(mode: str) -> bool:
   """`use_batch_stats` of the forward pass of a BN mode of either set: False only for
-  "eval"."""
+  "eval".
+
+  >>> [uses_batch_stats(m) for m in LIPSCHITZ_BN_MODES]
+  [False, True, True]
+  """
   if mode not in FORWARD_BN_MODES + LIPSCHITZ_BN_MODES:
     raise ValueError(f"BN mode {mode!r}; allowed: "
                      f"{', '.join(dict.fromkeys(FORWARD_BN_MODES + LIPSCHITZ_BN_MODES))}")

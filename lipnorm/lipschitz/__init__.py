@@ -13,6 +13,22 @@ BatchNorm models need `bn_mode`, one of `LIPSCHITZ_BN_MODES` (see `lipnorm.bn_mo
 >>> float(lipschitz.jacobian_spectral_norm(f, jnp.ones(2)).value)
 3.0
 
+The local input constant of a model at each example of a batch (here one dense map, so
+it is the kernel's spectral norm everywhere):
+
+>>> from lipnorm.models import get_model
+>>> model = get_model("relu_net", depth=1, num_classes=3)
+>>> variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
+>>> res = lipschitz.input_lipschitz(model, variables, jnp.ones((2, 4)))
+>>> kernel = variables["params"]["dense_0"]["kernel"]
+>>> bool(jnp.allclose(res.value, jnp.linalg.norm(kernel, 2), rtol=1e-4))
+True
+>>> try:
+...   lipschitz.input_lipschitz(model, variables, jnp.full((2, 4), jnp.nan))
+... except lipschitz.NonFiniteError as e:
+...   print(e)
+xs contains non-finite values (NaN or inf)
+
 Never imports lipnorm.training or lipnorm.data.
 """
 from lipnorm.bn_modes import LIPSCHITZ_BN_MODES

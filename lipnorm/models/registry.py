@@ -47,8 +47,8 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
   if unknown:
     raise ValueError(f"model {name!r} does not take {unknown}; valid: {sorted(allowed)}")
   kwargs = {**defaults, **kwargs}
-  norm_default = next(f.default for f in dataclasses.fields(cls) if f.name == "norm")
-  norm = kwargs.pop("norm", norm_default)
+  default = next(f.default for f in dataclasses.fields(cls) if f.name == "norm")
+  norm = kwargs.pop("norm", default.name)   # the model's default normalizer (by name)
   layers, options = kwargs.pop("norm_layers", None), kwargs.pop("norm_options", None)
   if isinstance(norm, NormSpec):
     if layers is not None or options is not None:
