@@ -13,7 +13,7 @@ from flax import linen as nn
 from lipnorm import lipschitz
 from lipnorm.data import get_dataset
 from lipnorm.models import get_model
-from lipnorm.probes.lipschitz_metrics import has_batchnorm, lipschitz_metrics
+from lipnorm.probes.lipschitz_metrics import lipschitz_metrics
 from lipnorm.training import base_config, build_model as build_training_model
 from lipnorm.training import load_checkpoint, train
 
@@ -65,7 +65,7 @@ def init_variables(model: nn.Module, xs: jax.Array, *, seed: int) -> dict:
 
 def fix_batch_stats(model: nn.Module, variables: Any, xs: jax.Array) -> Any:
   """BN running statistics := the batch statistics of `xs` (identity without BN)."""
-  if not has_batchnorm(model):
+  if not lipschitz.has_batchnorm(model):
     return variables
   return lipschitz.batch_fixed_variables(model, variables, xs)
 

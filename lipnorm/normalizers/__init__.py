@@ -1,5 +1,5 @@
 """Normalization layers and their registry. Imports nothing else of lipnorm but the
-leaves `lipnorm.registry` and `lipnorm.bn_modes`."""
+leaf `lipnorm.registry`."""
 from lipnorm.normalizers.layers import (NORM_STATS, BatchNorm, GroupNorm, Identity, RMSNorm,
                                         check_not_degenerate, divisors, lipschitz_factor,
                                         resolve_num_groups)

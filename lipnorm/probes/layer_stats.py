@@ -174,7 +174,7 @@ def _cumprod(values: np.ndarray) -> np.ndarray:
   return np.cumprod(np.asarray(values, np.float64))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LayerProbes:
   """The probe statistics of one BN mode, as float64 NumPy arrays, layers in order.
 
