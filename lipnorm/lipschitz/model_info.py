@@ -48,9 +48,10 @@ def batchnorm_paths(model: nn.Module, variables: Mapping) -> list[Path]:
   return sorted({k[:-1] for k in flat})
 
 
-def has_batchnorm(model: nn.Module, variables: Mapping = {}) -> bool:  # noqa: B006
-  """Whether the model has a BatchNorm layer (so measurements need a `bn_mode`)."""
-  return bool(batchnorm_paths(model, variables))
+def has_batchnorm(model: nn.Module, variables: Optional[Mapping] = None) -> bool:
+  """Whether the model has a BatchNorm layer (so measurements need a `bn_mode`);
+  `variables` is only read for models without `structure()`."""
+  return bool(batchnorm_paths(model, variables or {}))
 
 
 def check_bn_mode(bn_mode: Optional[str], allow_none: bool = False) -> None:
