@@ -3,9 +3,10 @@
 Usage (from the repo root):
   python bench/data_throughput.py [CIFAR10_DIR] [--batch_size 256] [--steps 100]
 CIFAR10_DIR (the folder holding cifar-10-binary.tar.gz) defaults to lipnorm's usual
-search ($LIPNORM_DATA_DIR/cifar10, then ~/.cache/lipnorm/cifar10). Prints the archive decode time, then images/s of the training
-iterator with and without augmentation (crop + flip), each with the prefetch thread
-(prefetch=2) and synchronously (prefetch=0), and the ratios.
+search ($LIPNORM_DATA_DIR/cifar10, then ~/.cache/lipnorm/cifar10). Prints the archive
+decode time, then images/s of the training iterator with and without augmentation
+(crop + flip), each with the prefetch thread (prefetch=2) and synchronously
+(prefetch=0), and the ratios.
 """
 from __future__ import annotations
 
