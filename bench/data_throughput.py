@@ -2,22 +2,18 @@
 
 Usage (from the repo root):
   python bench/data_throughput.py [CIFAR10_DIR] [--batch_size 256] [--steps 100]
-CIFAR10_DIR defaults to ../shared/data/cifar10 (the folder holding
-cifar-10-binary.tar.gz). Prints the archive decode time, then images/s of the training
-iterator with and without augmentation (crop + flip), each with the prefetch thread
-(prefetch=2) and synchronously (prefetch=0), and the ratios.
+CIFAR10_DIR (the folder holding cifar-10-binary.tar.gz) defaults to lipnorm's usual
+search ($LIPNORM_DATA_DIR/cifar10, then ~/.cache/lipnorm/cifar10). Prints the archive
+decode time, then images/s of the training iterator with and without augmentation
+(crop + flip), each with the prefetch thread (prefetch=2) and synchronously
+(prefetch=0), and the ratios.
 """
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from lipnorm.data import LoadRequest, get_dataset, load_splits  # noqa: E402
+from lipnorm.data import LoadRequest, get_dataset, load_splits
 
 
 def images_per_second(ds, steps: int, prefetch: int) -> float:
@@ -34,7 +30,7 @@ def images_per_second(ds, steps: int, prefetch: int) -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("data_dir", nargs="?", default=str(REPO.parent / "shared/data/cifar10"))
+  parser.add_argument("data_dir", nargs="?", default=None)
   parser.add_argument("--batch_size", type=int, default=256)
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--devices", type=int, default=1, help="num_local_devices")
@@ -42,7 +38,8 @@ def main() -> None:
 
   start = time.perf_counter()
   load_splits("cifar10", LoadRequest(data_dir=args.data_dir))
-  print(f"decode cifar-10 archive ({args.data_dir}): {time.perf_counter() - start:.2f} s")
+  print(f"decode cifar-10 archive ({args.data_dir or 'default location'}): "
+        f"{time.perf_counter() - start:.2f} s")
 
   rates = {}
   for augment in (False, True):

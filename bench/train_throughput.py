@@ -13,11 +13,9 @@ devices); a dense `n x n` matmul timed in the same dtype gives the peak (per dev
 times the devices used on accelerators).
 """
 import os
-import sys
 import time
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")  # only affects the CPU platform
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 

@@ -57,7 +57,7 @@ def test_bn_eval_factor_is_exact(x64):
   v = {"params": {"scale": jnp.asarray(gamma), "bias": jnp.asarray(rng.normal(size=6))},
        "batch_stats": {"mean": jnp.asarray(rng.normal(size=6)), "var": jnp.asarray(var)}}
   expected = np.max(np.abs(gamma) / np.sqrt(var + 1e-5))
-  lip = jacobian_spectral_norm(lambda x: bn.apply(v, x[None], use_running_average=True)[0],
+  lip = jacobian_spectral_norm(lambda x: bn.apply(v, x[None], use_batch_stats=False)[0],
                                jnp.asarray(rng.normal(size=6)))
   np.testing.assert_allclose(float(lip.value), expected, rtol=1e-12)
   model = get_model("relu_net", depth=2, width=6, num_classes=3, norm="batch")

@@ -1,6 +1,7 @@
 """Model zoo: every model x every normalizer builds, applies (train and eval), has finite
 gradients and a structure() that matches its variables; the full-size models have the
 published parameter counts and layer widths (checked by shape alone, via eval_shape)."""
+import functools
 import math
 
 import chex
@@ -11,7 +12,7 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from lipnorm.models import get_model, model_names
+from lipnorm.models import NormSpec, ReLUNet, get_model, model_names
 from lipnorm.models import structure as st
 from lipnorm.models.common import ConvNormContext, ConvSpec
 from lipnorm.models.efficientnet import MBConv, SqueezeExcite, round_filters, round_repeats
@@ -321,7 +322,7 @@ def test_squeeze_excite_matches_numpy():
 
 
 def test_stochastic_depth_drops_whole_examples():
-  ctx = ConvNormContext(frozenset(), get_normalizer("none"), True, True,
+  ctx = ConvNormContext(frozenset(), get_normalizer("none"), False, True,
                         nn.initializers.he_normal(), jnp.float32)
   convs = (ConvSpec("depthwise_conv", "depthwise_norm", 4, (3, 3), (1, 1), "SAME", 0, 4),
            ConvSpec("project_conv", "project_norm", 4, (1, 1), (1, 1), "SAME", 1))
@@ -388,10 +389,9 @@ def test_groupnorm_default_groups_and_bad_num_groups():
   assert {groups[p] for p in groups} >= {20, 24, 28, 30, 32}   # e.g. 40, 144, 112, 240, 96
   for name in ("resnet18", "efficientnet_b0", "cnn"):
     kwargs, x_shape = TINY[name]
-    bad = get_model(name, norm="group", norm_options={"num_groups": 3}, **kwargs)
     with pytest.raises(ValueError, match=r"num_groups=3 does not divide 8 channels; "
                                          r"allowed num_groups: \[1, 2, 4, 8\]"):
-      _shapes(bad, x_shape)
+      get_model(name, norm="group", norm_options={"num_groups": 3}, **kwargs)
 
 
 def test_use_batch_stats_overrides_train_for_bn_alone():
@@ -423,13 +423,102 @@ def test_use_batch_stats_overrides_train_for_bn_alone():
     ("cnn", dict(widths=()), "widths"),
     ("cnn", dict(convs_per_stage=0), "convs_per_stage=0"),
     ("cnn", dict(downsample="max"), r"downsample='max'; allowed: \['avg_pool'"),
+    ("cnn", dict(widths=(8, -4)), r"widths=\(8, -4\) must be a non-empty list of positive"),
+    ("cnn", dict(num_classes=0), "CNN num_classes=0 must be a positive integer"),
+    ("resnet18", dict(width=0), "ResNet width=0 must be a positive integer"),
+    ("resnet18", dict(activation="relu6"), "unknown activation 'relu6'"),
+    ("efficientnet_b0", dict(top_filters=-8), "top_filters=-8 must be a positive integer"),
+    ("relu_net", dict(width=0), "ReLUNet width=0 must be a positive integer"),
+    ("relu_net", dict(width=-3), "ReLUNet width=-3 must be a positive integer"),
+    ("relu_net", dict(depth=0), "ReLUNet depth=0 must be a positive integer"),
+    ("relu_net", dict(width=2.5), "ReLUNet width=2.5 must be a positive integer"),
+    ("relu_net", dict(norm="group", width=12, norm_options={"num_groups": 5}),
+     r"num_groups=5 does not divide 12 channels; allowed num_groups: \[1, 2, 3, 4, 6, 12\]"),
+    ("relu_net", dict(norm="batch", norm_options={"axis_name": "batch"}),
+     r"'batch' does not take option\(s\) \['axis_name'\]"),
 ])
 def test_bad_options_raise_before_work(name, kwargs, match):
-  model = get_model(name, **kwargs)
-  with pytest.raises(ValueError, match=match):
-    model.structure()
-  with pytest.raises(ValueError, match=match):
-    _shapes(model, (1, 8, 8, 3))
+  """Impossible settings fail in `get_model` itself, with one line naming the field."""
+  with pytest.raises(ValueError, match=match) as info:
+    get_model(name, **kwargs)
+  assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(norm="instance"),                                  # one feature per group
+    dict(norm="group", width=16),                           # default: 16 groups of 1
+    dict(norm="group", width=64, norm_options={"num_groups": 64}),
+    dict(norm="layer", width=1),
+])
+def test_relu_net_refuses_single_feature_groups(kwargs):
+  """Per-sample centering of a single feature outputs 0 whatever the input: a constant
+  network. Refused at construction, not reported as a (meaningless) bound."""
+  with pytest.raises(ValueError, match="single value .* network output is constant"):
+    get_model("relu_net", depth=3, **{"width": 8, **kwargs})
+  # the same normalizers on layers that are not degenerate are fine
+  get_model("relu_net", depth=3, width=16, norm="group", norm_options={"num_groups": 4})
+  get_model("relu_net", depth=1, width=8, norm="instance")      # no hidden layer
+  get_model("relu_net", depth=3, width=8, norm="instance", norm_layers=0)
+  get_model("cnn", widths=(8,), convs_per_stage=1, norm="instance")   # spatial groups
+
+
+# ---------------------------------------------------------------------------------------
+# hashability: models are jit static arguments
+
+@pytest.mark.parametrize("name", ["relu_net", *TINY])
+def test_models_are_hashable_and_static_jit_arguments(name):
+  kwargs, x_shape = TINY.get(name, (dict(depth=3, width=8), (2, 5)))
+  make = lambda: get_model(name, norm="group", norm_layers=[0, 1],  # noqa: E731
+                           norm_options={"num_groups": 2, "epsilon": 1e-3},
+                           **{k: list(v) if isinstance(v, tuple) else v
+                              for k, v in kwargs.items()})
+  model = make()
+  assert model.norm == NormSpec("group", (0, 1), (("epsilon", 1e-3), ("num_groups", 2)))
+  assert hash(model) == hash(make()) and model == make()
+  assert model != model.clone(norm=NormSpec.make("layer", [0, 1]))
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  variables = jax.jit(lambda x: model.init(jax.random.key(1), x))(x)
+  calls = []
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def apply(m, v, x):
+    calls.append(1)
+    return m.apply(v, x)
+
+  y = apply(model, variables, x)
+  chex.assert_trees_all_close(apply(make(), variables, x), y)   # an equal model: no retrace
+  assert len(calls) == 1
+  spec = NormSpec.make("group", (0, 1), {"num_groups": 2, "epsilon": 1e-3})
+  assert get_model(name, norm=spec, **kwargs) == get_model(
+      name, norm="group", norm_layers=[0, 1], norm_options={"epsilon": 1e-3, "num_groups": 2},
+      **kwargs)
+
+
+def test_norm_spec_and_direct_construction():
+  assert NormSpec.make("batch").epsilon == 1e-5
+  assert NormSpec.make("layer", options={"epsilon": 1e-3}).epsilon == 1e-3
+  with pytest.raises(ValueError, match="unknown normalizer 'bn'"):
+    NormSpec.make("bn")
+  assert ReLUNet(depth=2, width=4, norm="batch").norm == NormSpec("batch")
+  with pytest.raises(ValueError, match="inside the NormSpec"):
+    get_model("relu_net", norm=NormSpec("batch"), norm_layers=1)
+
+
+def test_bn_axis_name_syncs_statistics_and_keeps_the_parameters():
+  """Training passes `bn_axis_name`: same variables, batch statistics over the axis."""
+  model = get_model("relu_net", depth=2, width=6, num_classes=3, norm="batch")
+  synced = get_model("relu_net", depth=2, width=6, num_classes=3, norm="batch",
+                     bn_axis_name="batch")
+  x = jax.random.normal(jax.random.key(0), (4, 3, 5)) * 2 + 1   # [devices, batch, features]
+  v = model.init(jax.random.key(1), x[0])
+  chex.assert_trees_all_equal_structs(v, synced.init(jax.random.key(1), x[0]))
+
+  def run(m):
+    return jax.pmap(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"])[0],
+                    axis_name="batch", in_axes=(None, 0))(v, x)
+  y_global = model.apply(v, x.reshape(12, 5), train=True, mutable=["batch_stats"])[0]
+  np.testing.assert_allclose(run(synced).reshape(12, 3), y_global, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(run(model).reshape(12, 3), y_global, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet18", "efficientnet_b0"])

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lipnorm.normalizers import NORM_STATS, get_normalizer, lipschitz_factor, normalizer_names
+from lipnorm.normalizers import (NORM_STATS, BatchNorm, channel_groups, get_normalizer,
+                                 lipschitz_factor, normalizer_names)
 
 EPS = 1e-3   # larger than the default so a wrong epsilon placement shows
 
@@ -102,7 +103,7 @@ def test_batchnorm_train_mode_uses_batch_statistics(layout):
   ra_mean = jax.random.normal(jax.random.key(3), (c,))
   ra_var = 0.5 + jax.random.uniform(jax.random.key(4), (c,))
   variables["batch_stats"] = {"mean": ra_mean, "var": ra_var}
-  y, updates = bn.apply(variables, x, use_running_average=False,
+  y, updates = bn.apply(variables, x, use_batch_stats=True,
                         mutable=["batch_stats", NORM_STATS])
   gamma, beta = (np.asarray(variables["params"][k], np.float64) for k in ("scale", "bias"))
   y_ref, mean, var = np_batchnorm(x, gamma, beta, EPS)
@@ -127,7 +128,7 @@ def test_batchnorm_eval_mode_uses_running_statistics(layout):
   ra_var = np.asarray(0.5 + jax.random.uniform(jax.random.key(4), (c,)), np.float64)
   variables["batch_stats"] = {"mean": jnp.asarray(ra_mean, jnp.float32),
                               "var": jnp.asarray(ra_var, jnp.float32)}
-  y, updates = bn.apply(variables, x, use_running_average=True,
+  y, updates = bn.apply(variables, x, use_batch_stats=False,
                         mutable=["batch_stats", NORM_STATS])
   gamma, beta = (np.asarray(variables["params"][k], np.float64) for k in ("scale", "bias"))
   y_ref, mean, var = np_batchnorm(x, gamma, beta, EPS, mean=ra_mean, var=ra_var)
@@ -141,7 +142,7 @@ def test_batchnorm_eval_mode_uses_running_statistics(layout):
   # Eval-mode BN is a per-channel affine map; its Lipschitz constant (the spectral norm
   # of the Jacobian of one example, a diagonal matrix) is the normalizer factor.
   one = x[:1].reshape(1, -1)
-  f = lambda v: bn.apply(variables, v.reshape((1,) + x.shape[1:]), use_running_average=True)
+  f = lambda v: bn.apply(variables, v.reshape((1,) + x.shape[1:]), use_batch_stats=False)
   jac = np.asarray(jax.jacfwd(lambda v: f(v).ravel())(one[0]), np.float64)
   expected = np.max(np.abs(gamma) / np.sqrt(ra_var + EPS))
   _close(np.linalg.svd(jac, compute_uv=False)[0], expected, rtol=1e-5)
@@ -159,14 +160,14 @@ def test_batchnorm_axis_name_gives_global_batch_statistics():
   devices = jax.local_devices()
   assert len(devices) == 4, "tests/conftest.py provides 4 simulated CPU devices"
   x = _input((4, 5, 3, 3, 6))                       # [devices, per-device batch, H, W, C]
-  synced = get_normalizer("batch", epsilon=EPS, axis_name="batch")()
+  synced = BatchNorm(epsilon=EPS, axis_name="batch")   # models set it from bn_axis_name
   local = get_normalizer("batch", epsilon=EPS)()
   variables = _with_affine(local.init(jax.random.key(0), x[0]), 6)
   gamma, beta = (np.asarray(variables["params"][k], np.float64) for k in ("scale", "bias"))
 
   def run(module):
     return jax.pmap(
-        lambda v, xs: module.apply(v, xs, use_running_average=False,
+        lambda v, xs: module.apply(v, xs, use_batch_stats=True,
                                    mutable=["batch_stats", NORM_STATS]),
         axis_name="batch", in_axes=(None, 0))(variables, x)
 
@@ -200,13 +201,15 @@ GROUPINGS = [
 @pytest.mark.parametrize("layout", list(SHAPES))
 @pytest.mark.parametrize("name,options,groups", GROUPINGS)
 def test_groupwise_normalizers_match_numpy(name, options, groups, layout):
+  if name == "instance" and layout == "dense":
+    pytest.skip("single-value groups are refused (test_single_value_groups_are_refused)")
   x = _input(SHAPES[layout])
   norm = get_normalizer(name, epsilon=EPS, **options)()
   variables = _with_affine(norm.init(jax.random.key(0), x), x.shape[-1])
   assert "batch_stats" not in variables
   gamma, beta = (np.asarray(variables["params"][k], np.float64) for k in ("scale", "bias"))
   for mode in (False, True):   # train and eval are the same for per-sample statistics
-    y, updates = norm.apply(variables, x, use_running_average=mode, mutable=[NORM_STATS])
+    y, updates = norm.apply(variables, x, use_batch_stats=mode, mutable=[NORM_STATS])
     y_ref, mean, var = np_groupnorm(x, groups, gamma, beta, EPS)
     _close(y, y_ref)
     sown = updates[NORM_STATS]
@@ -257,7 +260,7 @@ def test_sown_stats_only_when_requested_and_none_is_identity():
   ident = get_normalizer("none")()
   variables = ident.init(jax.random.key(0), x)
   assert variables == {}
-  chex.assert_trees_all_equal(ident.apply(variables, x, use_running_average=True), x)
+  chex.assert_trees_all_equal(ident.apply(variables, x, use_batch_stats=False), x)
 
 
 def test_groupnorm_default_picks_largest_divisor_up_to_32():
@@ -291,6 +294,27 @@ def test_registry_names_and_errors():
     get_normalizer("batch", epsilon=0.0)
   with pytest.raises(ValueError, match=r"momentum=1.0 must be in \[0, 1\)"):
     get_normalizer("batch", momentum=1.0)
+  with pytest.raises(ValueError, match=r"'batch' does not take option\(s\) \['axis_name'\]"):
+    get_normalizer("batch", axis_name="batch")   # the model's bn_axis_name sets it
+  assert [channel_groups(n, 12, **o) for n, o in [("layer", {}), ("instance", {}),
+                                                   ("group", {"num_groups": 3}),
+                                                   ("group", {}), ("batch", {}), ("rms", {})]
+          ] == [1, 12, 3, 12, None, None]
+
+
+@pytest.mark.parametrize("name,options,shape", [
+    ("instance", {}, (2, 12)),                 # dense: each feature alone
+    ("group", {"num_groups": 12}, (2, 12)),
+    ("layer", {}, (2, 1)),                     # a width-1 dense layer
+    ("instance", {}, (2, 1, 1, 12)),           # 1x1 spatial: again single values
+])
+def test_single_value_groups_are_refused(name, options, shape):
+  """Centering a group of one value gives 0: the output would be constant (the bias)."""
+  norm = get_normalizer(name, **options)()
+  with pytest.raises(ValueError, match="zero variance and the network output is constant"):
+    norm.init(jax.random.key(0), jnp.ones(shape))
+  if shape[-1] > 1:   # RMS does not center: a single value is fine
+    get_normalizer("rms")().init(jax.random.key(0), jnp.ones(shape))
 
 
 @pytest.mark.parametrize("options,match", [

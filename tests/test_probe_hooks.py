@@ -52,8 +52,7 @@ def test_training_with_probes_ends_with_the_same_parameters(tmp_path):
 
 
 def test_hooks_report_the_prober_values_and_strip_the_pmap_axis():
-  model = get_model("relu_net", depth=3, width=8, norm="batch",
-                    norm_options={"axis_name": "batch"})
+  model = get_model("relu_net", depth=3, width=8, norm="batch", bn_axis_name="batch")
   x = jax.random.normal(jax.random.key(0), (16, 5))
   batch = {"image": x, "label": jax.numpy.arange(16) % 10}
   variables = model.init(jax.random.key(1), x[:1])

@@ -82,7 +82,7 @@ def _np_probe(variables, x, depth, kind, batch_mode, groups):
 
 @pytest.mark.parametrize("kind,batch_mode", [
     ("batch", False), ("batch", True), ("layer", False), ("group", False),
-    ("instance", False), ("rms", False), ("none", False)])
+    ("rms", False), ("none", False)])   # instance on a dense net is refused (test_models)
 def test_probes_match_numpy_forward_pass(kind, batch_mode):
   depth, width, groups = 4, 8, 2
   opts = {"num_groups": groups} if kind == "group" else {}
@@ -114,11 +114,7 @@ def test_probes_match_numpy_forward_pass(kind, batch_mode):
   np.testing.assert_allclose(p.norm["cumprod_var_mean"],
                              np.cumprod([v.mean() for v in ref["var"]]), rtol=2e-4)
   np.testing.assert_allclose(p.norm["cumprod_factor"], np.cumprod(ref["factor"]), rtol=2e-4)
-  if kind == "instance":   # on a dense layer each group is one value: var 0, all amplify
-    np.testing.assert_allclose(p.norm["var_mean"], 0.0, atol=1e-6)
-    assert np.all(p.norm["amplifying_fraction"] == 1.0)
-  else:
-    assert 0.0 < np.mean(ref["amp"]) < 1.0, "test data too easy: all or no groups amplify"
+  assert 0.0 < np.mean(ref["amp"]) < 1.0, "test data too easy: all or no groups amplify"
 
 
 class _TinyConvNet(nn.Module):
@@ -129,7 +125,7 @@ class _TinyConvNet(nn.Module):
   def __call__(self, x, train=False, use_batch_stats=None):
     use_batch = train if use_batch_stats is None else use_batch_stats
     x = nn.Conv(4, (3, 3), use_bias=False, name="conv_0")(x)
-    x = get_normalizer(self.norm)(name="norm_0")(x, use_running_average=not use_batch)
+    x = get_normalizer(self.norm)(name="norm_0")(x, use_batch_stats=use_batch)
     x = nn.relu(x)
     x = nn.Conv(6, (3, 3), strides=(2, 2), name="conv_1")(x)
     x = nn.relu(x).mean(axis=(1, 2))

@@ -13,8 +13,7 @@ from flax import linen as nn
 from lipnorm import lipschitz
 from lipnorm.data import get_dataset
 from lipnorm.models import get_model
-from lipnorm.probes import strip_axis_name
-from lipnorm.probes.lipschitz_metrics import has_batchnorm, lipschitz_metrics
+from lipnorm.probes.lipschitz_metrics import lipschitz_metrics
 from lipnorm.training import base_config, build_model as build_training_model
 from lipnorm.training import load_checkpoint, train
 
@@ -66,7 +65,7 @@ def init_variables(model: nn.Module, xs: jax.Array, *, seed: int) -> dict:
 
 def fix_batch_stats(model: nn.Module, variables: Any, xs: jax.Array) -> Any:
   """BN running statistics := the batch statistics of `xs` (identity without BN)."""
-  if not has_batchnorm(model):
+  if not lipschitz.has_batchnorm(model):
     return variables
   return lipschitz.batch_fixed_variables(model, variables, xs)
 
@@ -95,7 +94,7 @@ def with_norm(train_cfg: ml_collections.ConfigDict, norm: str, options: Mapping[
 
 @dataclasses.dataclass
 class Run:
-  model: nn.Module           # single-device model (no BN axis_name)
+  model: nn.Module           # single-device model (no BN axis)
   variables: dict            # final (or last finite) params / batch_stats
   data: Data
   summary: dict
@@ -118,7 +117,7 @@ def train_and_load(train_cfg: ml_collections.ConfigDict, workdir: str | pathlib.
   if state.get("batch_stats"):
     variables["batch_stats"] = state["batch_stats"]
   variables = jax.tree.map(jnp.asarray, variables)
-  model = strip_axis_name(build_training_model(train_cfg, data.num_classes))
+  model = build_training_model(train_cfg, data.num_classes, pmap=False)
   return Run(model, variables, data, summary, workdir)
 
 

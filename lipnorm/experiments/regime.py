@@ -186,20 +186,20 @@ def normalizer_check(scales=(0.1, 1.0, 10.0), n: int = 8, hw: int = 3, channels:
       """`[n, out, in]`: each example's output w.r.t. its own (flattened) input."""
       def one(u):
         return norm.apply(v, u.reshape(1, hw, hw, channels),
-                          use_running_average=True).reshape(-1)
+                          use_batch_stats=False).reshape(-1)
       return jax.vmap(jax.jacfwd(one))(flat)
 
     for scale in scales:
       x = scale * jax.random.normal(jax.random.fold_in(key, 1), (n, hw, hw, channels))
-      v = norm.init(key, x, use_running_average=True)
+      v = norm.init(key, x, use_batch_stats=False)
       gamma = 1.0 + 0.5 * jax.random.normal(jax.random.fold_in(key, 2), (channels,))
       params = {**v["params"], "scale": gamma}
       v = {**v, "params": params}
       if kind == "batch":
-        _, st = norm.apply(v, x, use_running_average=False, mutable=[NORM_STATS])
+        _, st = norm.apply(v, x, use_batch_stats=True, mutable=[NORM_STATS])
         s = st[NORM_STATS]
         v = {**v, "batch_stats": {"mean": s["mean"], "var": s["var"]}}
-      _, st = norm.apply(v, x, use_running_average=True, mutable=[NORM_STATS])
+      _, st = norm.apply(v, x, use_batch_stats=False, mutable=[NORM_STATS])
       sigma2 = np.asarray(st[NORM_STATS]["sigma2"])
       jac = jacobians(v, x.reshape(n, -1))
       jnorms = np.linalg.svd(np.asarray(jac, np.float64), compute_uv=False)[:, 0]

@@ -143,12 +143,12 @@ class BoundReport:
 
 # ------------------------------------------------------------------------- statistics
 
-@functools.partial(jax.jit, static_argnames=("static_model", "eval_mode"))
-def _sown_norm_stats(static_model, variables, xs, *, eval_mode: bool):
+@functools.partial(jax.jit, static_argnames=("model", "eval_mode"))
+def _sown_norm_stats(model, variables, xs, *, eval_mode: bool):
   """The `norm_stats` collection of one forward pass (eval mode, or batch statistics);
   compiled once per model, mode and input shape (jit's cache, keyed on the model)."""
   kwargs = {"train": False} if eval_mode else {"use_batch_stats": True}
-  return static_model.model.apply(variables, xs, mutable=["norm_stats"], **kwargs)[1]
+  return model.apply(variables, xs, mutable=["norm_stats"], **kwargs)[1]
 
 
 def normalizer_stats(model, variables: Mapping, xs: jax.Array, *, bn_mode: str = "eval",
@@ -161,18 +161,17 @@ def normalizer_stats(model, variables: Mapping, xs: jax.Array, *, bn_mode: str =
   (one pass over all of `xs`, no chunking). BN in "eval" needs no stats (running var).
   `batch_size` chunks the forward passes (per-sample statistics only).
   """
-  if bn_mode not in model_info.BN_MODES:
-    raise ValueError(f"bn_mode={bn_mode!r}; allowed: {', '.join(model_info.BN_MODES)}")
+  model_info.check_bn_mode(bn_mode)
   node = model_info.structure_of(model)
   if node is None:
     raise ValueError(f"{type(model).__name__} has no structure()")
   xs = jnp.asarray(xs)
   model_info.check_batch(model, variables, xs)
   norms = st.norm_layers(node)
-  static, eval_mode = model_info.StaticModel(model), bn_mode == "eval"
+  eval_mode = bn_mode == "eval"
 
   def apply(v, x):
-    return _sown_norm_stats(static, v, x, eval_mode=eval_mode)
+    return _sown_norm_stats(model, v, x, eval_mode=eval_mode)
   has_batch = any(n.kind == "batch" for n in norms)
   step = xs.shape[0] if (batch_size is None or (has_batch and bn_mode != "eval")) \
       else batch_size
@@ -504,8 +503,7 @@ def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
       half the conv work of a BN ResNet): `paper_bound`, `product_bound`, `estimate`
       and those entries' `upper` are then NaN; `certified_bound` is unchanged.
   """
-  if bn_mode not in model_info.BN_MODES:
-    raise ValueError(f"bn_mode={bn_mode!r}; allowed: {', '.join(model_info.BN_MODES)}")
+  model_info.check_bn_mode(bn_mode)
   node = model_info.structure_of(model)
   if node is None:
     raise ValueError(f"{type(model).__name__} has no structure(); see lipnorm.models.structure")

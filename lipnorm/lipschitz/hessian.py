@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
-from lipnorm.lipschitz.spectral import (check_iterative_args, lanczos, power_iteration)
+from lipnorm.lipschitz.errors import NonFiniteError
+from lipnorm.lipschitz.spectral import check_iterative_args, lanczos, power_iteration
 
 HESSIAN_METHODS = ("lanczos", "power")
 
@@ -100,7 +101,7 @@ def hessian_top_eigenvalues(loss_fn: Callable[[Any, Any], jax.Array], params: An
   negative it reruns on `H - theta I` so the result is still the largest algebraic one
   (memory O(num_params), slower convergence). `loss_fn` is a static argument of a
   jitted function: pass the same function object to reuse the compilation. Raises
-  ValueError on bad arguments or a non-finite loss.
+  ValueError on bad arguments, NonFiniteError on a non-finite loss.
   """
   if method not in HESSIAN_METHODS:
     raise ValueError(f"method={method!r}; allowed: {', '.join(HESSIAN_METHODS)}")
@@ -114,7 +115,7 @@ def hessian_top_eigenvalues(loss_fn: Callable[[Any, Any], jax.Array], params: An
   if jnp.ndim(loss) != 0:
     raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(loss)}")
   if not bool(jnp.isfinite(loss)):
-    raise ValueError(f"loss_fn(params, batch) = {float(loss)} is not finite")
+    raise NonFiniteError(f"loss_fn(params, batch) = {float(loss)} is not finite")
   key = jax.random.key(0) if key is None else key
   return _top_eigs(loss_fn, params, batch, key, k=k, method=method, num_iters=num_iters,
                    tol=float(tol))

@@ -112,13 +112,12 @@ def _products(method: str, in_dim: int, out_dim: int) -> int:
 
 # ------------------------------------------------------------------------ input Lipschitz
 
-@functools.partial(jax.jit, static_argnames=("static_model", "mode", "method", "num_iters",
+@functools.partial(jax.jit, static_argnames=("model", "mode", "method", "num_iters",
                                              "tol", "batch_size"))
-def _input_impl(static_model, variables, xs, points, keys, *, mode, method, num_iters, tol,
+def _input_impl(model, variables, xs, points, keys, *, mode, method, num_iters, tol,
                 batch_size):
   """Local constants at `points[i]` (example i's input) where the batch `xs` defines
   the BN statistics ("batch_fixed") or the rest of the batch ("batch_coupled")."""
-  model = static_model.model
   variables = prepare_variables(model, variables, xs, mode)
   apply_one = example_apply(model, mode)
   shape = xs.shape[1:]
@@ -174,7 +173,7 @@ def input_lipschitz(model: nn.Module, variables: Mapping, xs: jax.Array, *,
   points = xs if points is None else jnp.asarray(points)
   if points.shape != xs.shape:
     raise ValueError(f"points shape {points.shape} must equal xs shape {xs.shape}")
-  res = _input_impl(model_info.StaticModel(model), variables, xs, points, _keys(key, n),
+  res = _input_impl(model, variables, xs, points, _keys(key, n),
                     mode=mode, method=method, num_iters=num_iters, tol=float(tol),
                     batch_size=batch_size)
   check_finite(res, "input_lipschitz")
@@ -305,11 +304,10 @@ def _leaf_grams(model, apply_one, variables, flat_params, xs, x, i, dense_paths)
   return {"leaves": grams, "finite": jnp.all(jnp.isfinite(y)), "dtype": y.dtype}
 
 
-@functools.partial(jax.jit, static_argnames=("static_model", "mode", "method", "num_iters",
+@functools.partial(jax.jit, static_argnames=("model", "mode", "method", "num_iters",
                                              "tol", "batch_size", "groups", "dense_paths"))
-def _param_impl(static_model, variables, xs, keys, *, mode, method, num_iters, tol, batch_size,
+def _param_impl(model, variables, xs, keys, *, mode, method, num_iters, tol, batch_size,
                 groups, dense_paths=()):
-  model = static_model.model
   variables = prepare_variables(model, variables, xs, mode)
   apply_one = example_apply(model, mode)
   flat_params = traverse_util.flatten_dict(dict(variables["params"]))
@@ -344,7 +342,7 @@ def param_lipschitz(model: nn.Module, variables: Mapping, xs: jax.Array, *,
                     bn_mode: Optional[str] = None, per_layer: bool = False,
                     method: str = "auto", num_iters: int = 100, tol: float = 1e-6,
                     key=None, batch_size: Optional[int] = None,
-                    max_jacobian_bytes: int = 1 << 30,
+                    max_jacobian_bytes: int = DEFAULT_MAX_JACOBIAN_BYTES,
                     max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES
                     ) -> ParamLipschitzResult:
   """Local parameter Lipschitz constants `||J_theta f(x_i; theta)||_2` per example.
@@ -376,7 +374,7 @@ def param_lipschitz(model: nn.Module, variables: Mapping, xs: jax.Array, *,
     per = act * _products(method, num_params, out_dim) + num_params * out_dim * itemsize
     batch_size = _chunk(n, per, max_memory_bytes)
   dense = dense_layer_paths(model, variables, xs) if method == "jacrev" else ()
-  total, per = _param_impl(model_info.StaticModel(model), variables, xs, _keys(key, n),
+  total, per = _param_impl(model, variables, xs, _keys(key, n),
                            mode=mode, method=method, num_iters=num_iters, tol=float(tol),
                            batch_size=batch_size, groups=groups, dense_paths=dense)
   check_finite(total, "param_lipschitz")

@@ -15,10 +15,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 
+from lipnorm.bn_modes import LIPSCHITZ_BN_MODES
+from lipnorm.lipschitz.errors import NonFiniteError
 from lipnorm.models import structure as st
 
 Path = tuple[str, ...]
-BN_MODES = ("eval", "batch_fixed", "batch_coupled")
 
 
 def get_at(tree: Mapping, path: Sequence[str], default: Any = None) -> Any:
@@ -47,39 +48,35 @@ def batchnorm_paths(model: nn.Module, variables: Mapping) -> list[Path]:
   return sorted({k[:-1] for k in flat})
 
 
+def has_batchnorm(model: nn.Module, variables: Optional[Mapping] = None) -> bool:
+  """Whether the model has a BatchNorm layer (so measurements need a `bn_mode`);
+  `variables` is only read for models without `structure()`."""
+  return bool(batchnorm_paths(model, variables or {}))
+
+
+def check_bn_mode(bn_mode: Optional[str], allow_none: bool = False) -> None:
+  """ValueError unless `bn_mode` is one of `LIPSCHITZ_BN_MODES` (or None if allowed)."""
+  if bn_mode is None and allow_none:
+    return
+  if bn_mode not in LIPSCHITZ_BN_MODES:
+    raise ValueError(f"bn_mode={bn_mode!r}; allowed: "
+                     f"{', '.join(map(repr, LIPSCHITZ_BN_MODES))}")
+
+
 def resolve_bn_mode(model: nn.Module, variables: Mapping, bn_mode: Optional[str]) -> str:
-  """The BatchNorm regime to use. Required (one of BN_MODES) when the model has BN;
-  optional otherwise (then "eval", the only meaningful one: f is per example)."""
-  if bn_mode is not None and bn_mode not in BN_MODES:
-    raise ValueError(f"bn_mode={bn_mode!r}; allowed: {', '.join(map(repr, BN_MODES))}")
+  """The BatchNorm regime to use. Required (one of LIPSCHITZ_BN_MODES) when the model
+  has BN; optional otherwise (then "eval", the only meaningful one: f is per example)."""
+  check_bn_mode(bn_mode, allow_none=True)
   bn = batchnorm_paths(model, variables)
   if bn and bn_mode is None:
     raise ValueError(
         f"the model has BatchNorm at {['/'.join(p) for p in bn]}, so bn_mode is required: "
-        f"one of {', '.join(map(repr, BN_MODES))} ('eval': running statistics; "
+        f"one of {', '.join(map(repr, LIPSCHITZ_BN_MODES))} ('eval': running statistics; "
         "'batch_fixed': this batch's statistics held constant; 'batch_coupled': "
         "differentiate through the batch statistics)")
   if not bn:
     return "eval"
   return bn_mode
-
-
-class StaticModel:
-  """A Flax module as a `jax.jit` static argument. Modules with dict attributes (e.g.
-  `norm_options`) are unhashable; equal modules have equal reprs, so hash that."""
-
-  def __init__(self, model: nn.Module):
-    self.model = model
-
-  def __hash__(self) -> int:
-    try:
-      return hash(self.model)
-    except TypeError:
-      return hash(repr(self.model))
-
-  def __eq__(self, other) -> bool:
-    return isinstance(other, StaticModel) and (self.model is other.model
-                                               or self.model == other.model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +132,7 @@ def example_sizes(model: nn.Module, variables: Mapping, example_shape: Sequence[
   (model, variable shapes, example shape, dtype) and cached: repeated calls in a
   training loop do not re-trace the model. Raises ValueError when the shape does not
   fit the model."""
-  key = (StaticModel(model), _signature(variables), tuple(example_shape), str(dtype))
+  key = (model, _signature(variables), tuple(example_shape), str(dtype))
   if key not in _SHAPE_CACHE:
     calls = module_calls(model, variables, example_shape, dtype)
     out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
@@ -149,7 +146,8 @@ def example_sizes(model: nn.Module, variables: Mapping, example_shape: Sequence[
 
 
 def check_batch(model: nn.Module, variables: Mapping, xs: jax.Array) -> tuple[int, int]:
-  """ValueError unless `xs` is a finite batch `[N, ...]` the model accepts; returns
+  """ValueError unless `xs` is a batch `[N, ...]` the model accepts (NonFiniteError when
+  it holds NaN or inf); returns
   `example_sizes` (output size, activation bytes of one example)."""
   if not hasattr(xs, "shape") or xs.ndim < 2 or xs.shape[0] < 1:
     raise ValueError(f"xs must be a batch [N, ...] with N >= 1, got shape "
@@ -160,5 +158,5 @@ def check_batch(model: nn.Module, variables: Mapping, xs: jax.Array) -> tuple[in
     raise ValueError(f"xs of shape {tuple(xs.shape)} does not fit the model "
                      f"{type(model).__name__}: {e}") from e
   if not isinstance(xs, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(xs))):
-    raise ValueError("xs contains non-finite values (NaN or inf)")
+    raise NonFiniteError("xs contains non-finite values (NaN or inf)")
   return sizes

@@ -50,12 +50,11 @@ def _normalize(v):
   return v / jnp.where(n > 0, n, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("static_model", "mode", "steps", "power_iters",
+@functools.partial(jax.jit, static_argnames=("model", "mode", "steps", "power_iters",
                                              "num_samples", "gradient", "learning_rate",
                                              "smoothing", "radius", "box"))
-def _search(static_model, variables, xs, key, *, mode, steps, power_iters, num_samples,
+def _search(model, variables, xs, key, *, mode, steps, power_iters, num_samples,
             gradient, learning_rate, smoothing, radius, box):
-  model = static_model.model
   variables = prepare_variables(model, variables, xs, mode)
   apply_one = example_apply(model, mode)
   n, shape = xs.shape[0], xs.shape[1:]
@@ -189,7 +188,7 @@ def lower_bound_search(model, variables: Mapping, xs: jax.Array, *, steps: int =
   model_info.check_batch(model, variables, xs)
   key = jax.random.key(0) if key is None else key
   initial = input_lipschitz(model, variables, xs, bn_mode=bn_mode, method=method).value
-  best_x, history = _search(model_info.StaticModel(model), variables, xs, key, mode=mode,
+  best_x, history = _search(model, variables, xs, key, mode=mode,
                             steps=steps,
                             power_iters=int(power_iters), num_samples=int(num_samples),
                             gradient=gradient, learning_rate=float(learning_rate),

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
+from lipnorm.lipschitz.errors import NonFiniteError
 from lipnorm.registry import Registry
 
 Array = jax.Array
@@ -233,11 +234,6 @@ def _top_singular(jac: Array) -> tuple[Array, Array]:
   return s, v
 
 
-def gram_top_singular(gram: Array) -> Array:
-  """sqrt of the largest eigenvalue of a PSD Gram matrix `J J^T` (`[m, m]`) = ||J||_2."""
-  return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram)[-1], 0.0))
-
-
 def _exact(f: Callable[[Array], Array], x: Array, mode: str, num_iters, tol, key):
   del num_iters, tol, key
   if mode == "jacrev":
@@ -350,13 +346,13 @@ def is_concrete(x: Any) -> bool:
 
 
 def check_finite(result: SpectralNormResult, what: str) -> None:
-  """ValueError when outputs or estimates are non-finite (skipped under tracing)."""
+  """NonFiniteError when outputs or estimates are non-finite (skipped under tracing)."""
   if not is_concrete(result.finite):
     return
   finite = jnp.atleast_1d(result.finite)
   if not bool(jnp.all(finite)):
     bad = [int(i) for i in jnp.nonzero(~finite)[0][:10]]
-    raise ValueError(f"{what}: non-finite model outputs or Jacobian norm"
+    raise NonFiniteError(f"{what}: non-finite model outputs or Jacobian norm"
                      + (f" at example indices {bad}" if finite.size > 1 else "")
                      + "; check the inputs (NaN/inf) and the parameters")
 
@@ -379,7 +375,7 @@ def jacobian_spectral_norm(f: Callable[[Any], Any], x: Any, *, method: str = "au
     max_jacobian_bytes: "auto" stays matrix-free above this Jacobian size.
 
   Returns a `SpectralNormResult`. Raises ValueError on a bad method and (outside jit)
-  on non-finite outputs.
+  NonFiniteError on non-finite outputs.
   """
   check_method(method)
   check_iterative_args(num_iters, tol)

@@ -26,9 +26,10 @@ from flax import linen as nn
 
 from lipnorm.models import structure as st
 from lipnorm.models.activations import get_activation
-from lipnorm.models.common import (ConvNormContext, ConvSpec, NormLayers, conv_norm,
-                                   conv_norm_structure, norm_epsilon, normalized_slots)
-from lipnorm.normalizers import get_normalizer
+from lipnorm.models.common import (ConvNormContext, ConvSpec, check_positive, conv_norm,
+                                   conv_norm_structure, is_positive_int,
+                                   normalized_conv_slots)
+from lipnorm.models.norm_spec import NormSpec, coerce_norm
 
 DOWNSAMPLES = ("avg_pool", "strided_conv")
 _POOL = st.Pool("avg", (2, 2), (2, 2), "VALID")
@@ -41,34 +42,41 @@ class CNN(nn.Module):
     num_classes: output width.
     widths: channels of each stage (one stage per entry).
     convs_per_stage: 3x3 convs per stage (>= 1).
-    norm: normalizer registry name.
-    norm_layers: which convs (0-based, numbered across stages) carry it: "all", the
-      first k, or a list.
-    norm_options: keyword options for `get_normalizer`.
+    norm: the normalizer (`NormSpec`: registry name, which convs (0-based, numbered
+      across stages) carry it -- "all", the first k, or a list -- and its options).
     activation: activation registry name.
     downsample: "avg_pool" or "strided_conv" (between stages; both linear maps).
     use_bias: bias on convs without a normalizer (never before one) and on the head.
     kernel_init: He-normal (fan-in = 3*3*C_in) by default.
+    bn_axis_name: the pmap axis BatchNorm syncs its batch statistics over (training
+      passes it; None everywhere else).
+
+  Impossible shapes or normalizer settings raise ValueError at construction.
   """
   num_classes: int = 10
   widths: Sequence[int] = (16, 32, 64)
   convs_per_stage: int = 2
-  norm: str = "none"
-  norm_layers: NormLayers = "all"
-  norm_options: Optional[dict] = None
+  norm: NormSpec = NormSpec()
   activation: str = "relu"
   downsample: str = "avg_pool"
   use_bias: bool = True
   kernel_init: Any = nn.initializers.he_normal()
   dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  def __post_init__(self):
+    coerce_norm(self)
+    self._normalized(self._layout())   # validate before any work
+    super().__post_init__()
 
   def _layout(self) -> list[tuple[bool, ConvSpec]]:
     """(avg-pool before it?, spec) for every conv, in forward order."""
-    if not self.widths or any(int(w) < 1 for w in self.widths):
-      raise ValueError(f"CNN widths={tuple(self.widths)} must be a non-empty list of "
+    if (not isinstance(self.widths, Sequence) or isinstance(self.widths, str)
+        or not self.widths or not all(map(is_positive_int, self.widths))):
+      raise ValueError(f"CNN widths={self.widths!r} must be a non-empty list of "
                        "positive channel counts")
-    if self.convs_per_stage < 1:
-      raise ValueError(f"CNN convs_per_stage={self.convs_per_stage} must be >= 1")
+    check_positive("CNN", num_classes=self.num_classes, convs_per_stage=self.convs_per_stage)
+    get_activation(self.activation)
     if self.downsample not in DOWNSAMPLES:
       raise ValueError(f"CNN downsample={self.downsample!r}; allowed: {list(DOWNSAMPLES)}")
     out = []
@@ -83,7 +91,7 @@ class CNN(nn.Module):
     return out
 
   def _normalized(self, layout) -> frozenset[int]:
-    return normalized_slots(self.norm, self.norm_layers, len(layout), self.norm_options)
+    return normalized_conv_slots(self.norm, [spec for _, spec in layout])
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -96,8 +104,8 @@ class CNN(nn.Module):
     layout = self._layout()
     use_batch = train if use_batch_stats is None else use_batch_stats
     ctx = ConvNormContext(self._normalized(layout),
-                          get_normalizer(self.norm, **(self.norm_options or {})),
-                          not use_batch, self.use_bias, self.kernel_init, self.dtype)
+                          self.norm.factory(self.bn_axis_name),
+                          use_batch, self.use_bias, self.kernel_init, self.dtype)
     act, _ = get_activation(self.activation)
     h = x.astype(self.dtype)
     for pool, spec in layout:
@@ -111,11 +119,11 @@ class CNN(nn.Module):
   def structure(self) -> st.Sequential:
     layout = self._layout()
     normalized = self._normalized(layout)
-    eps = norm_epsilon(self.norm_options)
+    eps = self.norm.epsilon
     _, lip = get_activation(self.activation)
     layers: list[st.Node] = []
     for pool, spec in layout:
       layers += [_POOL if pool else None,
-                 conv_norm_structure(spec, (), normalized, self.norm, eps),
+                 conv_norm_structure(spec, (), normalized, self.norm.name, eps),
                  st.Activation(self.activation, lip)]
     return st.seq(*layers, st.Pool("global_avg"), st.Linear(("head",), "dense"))

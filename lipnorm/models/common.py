@@ -2,48 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence, Union
+import numbers
+from typing import Any, Callable, Sequence, Union
 
 import jax
 from flax import linen as nn
 
 from lipnorm.models import structure as st
-from lipnorm.normalizers import get_normalizer
-
-NormLayers = Union[str, int, Sequence[int]]
-
-
-def normalized_indices(norm_layers: NormLayers, num_layers: int) -> frozenset[int]:
-  """Which of `num_layers` candidate positions (0-based) carry a normalizer.
-
-  `"all"` -> every position; an int k -> the first k; a sequence -> exactly those.
-  ValueError names the bad value and what is allowed.
-  """
-  if isinstance(norm_layers, str):
-    if norm_layers != "all":
-      raise ValueError(
-          f"norm_layers={norm_layers!r}; allowed: 'all', an int k in [0, {num_layers}], "
-          f"or a list of layer indices in [0, {num_layers - 1}]")
-    return frozenset(range(num_layers))
-  if isinstance(norm_layers, bool):
-    raise ValueError(f"norm_layers={norm_layers!r} must be 'all', an int or a list")
-  if isinstance(norm_layers, int):
-    if not 0 <= norm_layers <= num_layers:
-      raise ValueError(
-          f"norm_layers={norm_layers} (first k normalized) must be in [0, {num_layers}]")
-    return frozenset(range(norm_layers))
-  idx = [int(i) for i in norm_layers]
-  bad = [i for i in idx if not 0 <= i < num_layers]
-  if bad or len(set(idx)) != len(idx):
-    raise ValueError(
-        f"norm_layers={list(norm_layers)}: indices must be distinct and in "
-        f"[0, {num_layers - 1}]")
-  return frozenset(idx)
-
-
-def norm_epsilon(norm_options: Optional[dict]) -> float:
-  """The epsilon a normalizer built with these options uses (the layers' default 1e-5)."""
-  return (norm_options or {}).get("epsilon", 1e-5)
+from lipnorm.models.norm_spec import NormSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +35,7 @@ class ConvNormContext:
   """What every `conv_norm` call of one forward pass shares."""
   normalized: frozenset
   norm_factory: Callable[..., nn.Module]
-  use_running_average: bool
+  use_batch_stats: bool
   use_bias: bool
   kernel_init: Any
   dtype: Any
@@ -85,7 +51,7 @@ def conv_norm(spec: ConvSpec, h: jax.Array, ctx: ConvNormContext) -> jax.Array:
               use_bias=ctx.use_bias and not has_norm, kernel_init=ctx.kernel_init,
               dtype=ctx.dtype, name=spec.name)(h)
   if has_norm:
-    h = ctx.norm_factory(name=spec.norm_name)(h, use_running_average=ctx.use_running_average)
+    h = ctx.norm_factory(name=spec.norm_name)(h, use_batch_stats=ctx.use_batch_stats)
   return h
 
 
@@ -98,11 +64,24 @@ def conv_norm_structure(spec: ConvSpec, prefix: tuple[str, ...], normalized: fro
       st.Norm(prefix + (spec.norm_name,), norm, epsilon) if spec.slot in normalized else None)
 
 
-def normalized_slots(norm: str, norm_layers: NormLayers, num_slots: int,
-                     norm_options: Optional[dict]) -> frozenset[int]:
-  """The normalized slots of a model with `num_slots` candidate positions; validates the
-  normalizer name and options first (ValueError listing the valid ones)."""
-  get_normalizer(norm, **(norm_options or {}))
-  if norm == "none":
-    return frozenset()
-  return normalized_indices(norm_layers, num_slots)
+def normalized_conv_slots(norm: NormSpec, specs: Sequence[ConvSpec]) -> frozenset[int]:
+  """The normalized slots among `specs` (all of a model's convs, one slot each); checks
+  that each normalized conv's channel count suits the normalizer (GN groups dividing
+  it). ValueError otherwise."""
+  normalized = norm.slots(len(specs))
+  for spec in specs:
+    if spec.slot in normalized:
+      norm.check_channels(spec.features, spatial=True)
+  return normalized
+
+
+def is_positive_int(value: Any) -> bool:
+  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+          and value >= 1)
+
+
+def check_positive(model: str, **values: int) -> None:
+  """ValueError naming the first field that is not a positive integer."""
+  for field, value in values.items():
+    if not is_positive_int(value):
+      raise ValueError(f"{model} {field}={value!r} must be a positive integer")

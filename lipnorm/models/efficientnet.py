@@ -40,9 +40,9 @@ from flax import linen as nn
 
 from lipnorm.models import structure as st
 from lipnorm.models.activations import get_activation
-from lipnorm.models.common import (ConvNormContext, ConvSpec, NormLayers, conv_norm,
-                                   conv_norm_structure, norm_epsilon, normalized_slots)
-from lipnorm.normalizers import get_normalizer
+from lipnorm.models.common import (ConvNormContext, ConvSpec, check_positive, conv_norm,
+                                   conv_norm_structure, normalized_conv_slots)
+from lipnorm.models.norm_spec import NormSpec, coerce_norm
 
 # (repeats, kernel, stride, expand ratio, input filters, output filters) of B0.
 B0_BLOCKS = (
@@ -145,10 +145,14 @@ class EfficientNet(nn.Module):
       probability `drop_connect_rate * b / num_blocks`, train mode only).
     stem_stride: stride of the stem conv (2 standard; 1 for 32x32 inputs).
     se_ratio: squeeze-excitation width as a fraction of the block's input filters.
-    norm, norm_layers, norm_options: the normalizer, which conv slots carry it, options.
+    norm: the normalizer (`NormSpec`: registry name, which conv slots carry it, options).
     activation: activation registry name (swish in the reference).
     use_bias: bias on convs without a normalizer (never before one) and on the head.
     kernel_init: He-normal (fan-in) by default.
+    bn_axis_name: the pmap axis BatchNorm syncs its batch statistics over (training
+      passes it; None everywhere else).
+
+  Impossible shapes or normalizer settings raise ValueError at construction.
   """
   num_classes: int = 10
   blocks: Sequence[tuple[int, int, int, int, int, int]] = B0_BLOCKS
@@ -160,13 +164,22 @@ class EfficientNet(nn.Module):
   drop_connect_rate: float = 0.2
   stem_stride: int = 2
   se_ratio: float = 0.25
-  norm: str = "batch"
-  norm_layers: NormLayers = "all"
-  norm_options: Optional[dict] = None
+  norm: NormSpec = NormSpec("batch")
   activation: str = "swish"
   use_bias: bool = True
   kernel_init: Any = nn.initializers.he_normal()
   dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  def __post_init__(self):
+    coerce_norm(self)
+    self._normalized(self._plan())   # validate before any work
+    super().__post_init__()
+
+  def _normalized(self, plan) -> frozenset[int]:
+    stem, blocks, top, _ = plan
+    return normalized_conv_slots(
+        self.norm, [stem] + [spec for _, convs, *_ in blocks for spec in convs] + [top])
 
   def _plan(self):
     """(stem spec, [(name, conv specs, se width, residual?, drop rate)], top spec,
@@ -179,6 +192,9 @@ class EfficientNet(nn.Module):
         raise ValueError(f"EfficientNet {name}={getattr(self, name)} must be in [0, 1)")
     if self.stem_stride not in (1, 2):
       raise ValueError(f"EfficientNet stem_stride={self.stem_stride}; allowed: [1, 2]")
+    check_positive("EfficientNet", num_classes=self.num_classes,
+                   stem_filters=self.stem_filters, top_filters=self.top_filters)
+    get_activation(self.activation)
     if not self.blocks or any(len(row) != 6 or min(row) < 1 for row in self.blocks):
       raise ValueError(f"EfficientNet blocks={self.blocks!r} must be a non-empty list of "
                        "positive (repeats, kernel, stride, expand, in, out) rows")
@@ -226,12 +242,11 @@ class EfficientNet(nn.Module):
     overrides the BN behaviour alone."""
     if x.ndim != 4:
       raise ValueError(f"EfficientNet expects NHWC input [N, H, W, C]; got shape {x.shape}")
-    stem, blocks, top, num_slots = self._plan()
+    plan = self._plan()
+    stem, blocks, top, _ = plan
     use_batch = train if use_batch_stats is None else use_batch_stats
-    ctx = ConvNormContext(
-        normalized_slots(self.norm, self.norm_layers, num_slots, self.norm_options),
-        get_normalizer(self.norm, **(self.norm_options or {})),
-        not use_batch, self.use_bias, self.kernel_init, self.dtype)
+    ctx = ConvNormContext(self._normalized(plan), self.norm.factory(self.bn_axis_name),
+                          use_batch, self.use_bias, self.kernel_init, self.dtype)
     act, _ = get_activation(self.activation)
     h = act(conv_norm(stem, x.astype(self.dtype), ctx))
     for name, convs, se_reduced, residual, drop_rate in blocks:
@@ -245,25 +260,26 @@ class EfficientNet(nn.Module):
 
   def structure(self) -> st.Sequential:
     """Eval-mode structure (stochastic depth and dropout are the identity there)."""
-    stem, blocks, top, num_slots = self._plan()
-    normalized = normalized_slots(self.norm, self.norm_layers, num_slots, self.norm_options)
-    eps = norm_epsilon(self.norm_options)
+    plan = self._plan()
+    stem, blocks, top, _ = plan
+    normalized = self._normalized(plan)
+    norm, eps = self.norm.name, self.norm.epsilon
     _, lip = get_activation(self.activation)
     _, sigmoid_lip = get_activation("sigmoid")
     act = st.Activation(self.activation, lip)
-    layers: list[st.Node] = [conv_norm_structure(stem, (), normalized, self.norm, eps), act]
+    layers: list[st.Node] = [conv_norm_structure(stem, (), normalized, norm, eps), act]
     for name, convs, _, residual, _ in blocks:
       parts = []
       for spec in convs[:-1]:
-        parts += [conv_norm_structure(spec, (name,), normalized, self.norm, eps), act]
+        parts += [conv_norm_structure(spec, (name,), normalized, norm, eps), act]
       se_inner = st.seq(st.Pool("global_avg"), st.Linear((name, "se", "reduce"), "dense"),
                         act,
                         st.Linear((name, "se", "expand"), "dense"),
                         st.Activation("sigmoid", sigmoid_lip))
       parts.append(st.Unbounded(SE_REASON, (name, "se"), se_inner))
-      parts.append(conv_norm_structure(convs[-1], (name,), normalized, self.norm, eps))
+      parts.append(conv_norm_structure(convs[-1], (name,), normalized, norm, eps))
       branch = st.seq(*parts)
       layers.append(st.Residual(branch) if residual else branch)
-    layers += [conv_norm_structure(top, (), normalized, self.norm, eps), act,
+    layers += [conv_norm_structure(top, (), normalized, norm, eps), act,
                st.Pool("global_avg"), st.Linear(("head",), "dense")]
     return st.seq(*layers)

@@ -27,9 +27,10 @@ from flax import linen as nn
 
 from lipnorm.models import structure as st
 from lipnorm.models.activations import get_activation
-from lipnorm.models.common import (ConvNormContext, ConvSpec, NormLayers, conv_norm,
-                                   conv_norm_structure, norm_epsilon, normalized_slots)
-from lipnorm.normalizers import get_normalizer
+from lipnorm.models.common import (ConvNormContext, ConvSpec, check_positive, conv_norm,
+                                   conv_norm_structure, is_positive_int,
+                                   normalized_conv_slots)
+from lipnorm.models.norm_spec import NormSpec, coerce_norm
 
 BLOCKS = ("basic", "bottleneck")
 STEMS = ("cifar", "imagenet")
@@ -73,23 +74,36 @@ class ResNet(nn.Module):
     block: "basic" (two 3x3 convs) or "bottleneck" (1x1, 3x3, 1x1 with 4x expansion).
     width: channels of the stem and of the first stage (stage s has `width * 2**s`).
     stem: "cifar" (3x3 stride 1) or "imagenet" (7x7 stride 2 + 3x3 max-pool stride 2).
-    norm, norm_layers, norm_options: the normalizer, which conv slots carry it, options.
+    norm: the normalizer (`NormSpec`: registry name, which conv slots carry it, options).
     activation: activation registry name.
     use_bias: bias on convs without a normalizer (never before one) and on the head.
     kernel_init: He-normal (fan-in) by default.
+    bn_axis_name: the pmap axis BatchNorm syncs its batch statistics over (training
+      passes it; None everywhere else).
+
+  Impossible shapes or normalizer settings raise ValueError at construction.
   """
   num_classes: int = 10
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   block: str = "basic"
   width: int = 64
   stem: str = "cifar"
-  norm: str = "batch"
-  norm_layers: NormLayers = "all"
-  norm_options: Optional[dict] = None
+  norm: NormSpec = NormSpec("batch")
   activation: str = "relu"
   use_bias: bool = True
   kernel_init: Any = nn.initializers.he_normal()
   dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  def __post_init__(self):
+    coerce_norm(self)
+    self._normalized(self._plan())   # validate before any work
+    super().__post_init__()
+
+  def _normalized(self, plan) -> frozenset[int]:
+    stem, blocks, _ = plan
+    specs = [stem] + [spec for _, shortcut, branch in blocks for spec in shortcut + branch]
+    return normalized_conv_slots(self.norm, specs)
 
   def _plan(self):
     """(stem spec, [(block name, shortcut specs, branch specs)], number of slots)."""
@@ -97,11 +111,12 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet block={self.block!r}; allowed: {list(BLOCKS)}")
     if self.stem not in STEMS:
       raise ValueError(f"ResNet stem={self.stem!r}; allowed: {list(STEMS)}")
-    if not self.stage_sizes or any(int(n) < 1 for n in self.stage_sizes):
+    if (not isinstance(self.stage_sizes, Sequence) or not self.stage_sizes
+        or not all(map(is_positive_int, self.stage_sizes))):
       raise ValueError(f"ResNet stage_sizes={tuple(self.stage_sizes)} must be a non-empty "
                        "list of positive block counts")
-    if self.width < 1:
-      raise ValueError(f"ResNet width={self.width} must be >= 1")
+    check_positive("ResNet", num_classes=self.num_classes, width=self.width)
+    get_activation(self.activation)
     k, s = (3, 1) if self.stem == "cifar" else (7, 2)
     stem = ConvSpec("stem_conv", "stem_norm", self.width, (k, k), (s, s), _pad(k), slot=0)
     slot = 1
@@ -138,12 +153,11 @@ class ResNet(nn.Module):
     overrides that for BN alone."""
     if x.ndim != 4:
       raise ValueError(f"ResNet expects NHWC input [N, H, W, C]; got shape {x.shape}")
-    stem, blocks, num_slots = self._plan()
+    plan = self._plan()
+    stem, blocks, _ = plan
     use_batch = train if use_batch_stats is None else use_batch_stats
-    ctx = ConvNormContext(
-        normalized_slots(self.norm, self.norm_layers, num_slots, self.norm_options),
-        get_normalizer(self.norm, **(self.norm_options or {})),
-        not use_batch, self.use_bias, self.kernel_init, self.dtype)
+    ctx = ConvNormContext(self._normalized(plan), self.norm.factory(self.bn_axis_name),
+                          use_batch, self.use_bias, self.kernel_init, self.dtype)
     act, _ = get_activation(self.activation)
     h = act(conv_norm(stem, x.astype(self.dtype), ctx))
     if self.stem == "imagenet":
@@ -156,21 +170,22 @@ class ResNet(nn.Module):
                     dtype=self.dtype, name="head")(h)
 
   def structure(self) -> st.Sequential:
-    stem, blocks, num_slots = self._plan()
-    normalized = normalized_slots(self.norm, self.norm_layers, num_slots, self.norm_options)
-    eps = norm_epsilon(self.norm_options)
+    plan = self._plan()
+    stem, blocks, _ = plan
+    normalized = self._normalized(plan)
+    norm, eps = self.norm.name, self.norm.epsilon
     _, lip = get_activation(self.activation)
     act = st.Activation(self.activation, lip)
-    layers: list[st.Node] = [conv_norm_structure(stem, (), normalized, self.norm, eps), act]
+    layers: list[st.Node] = [conv_norm_structure(stem, (), normalized, norm, eps), act]
     if self.stem == "imagenet":
       layers.append(_MAX_POOL)
     for name, shortcut, branch in blocks:
       parts = []
       for i, spec in enumerate(branch):
-        parts.append(conv_norm_structure(spec, (name,), normalized, self.norm, eps))
+        parts.append(conv_norm_structure(spec, (name,), normalized, norm, eps))
         if i < len(branch) - 1:
           parts.append(act)
-      sc = (conv_norm_structure(shortcut[0], (name,), normalized, self.norm, eps)
+      sc = (conv_norm_structure(shortcut[0], (name,), normalized, norm, eps)
             if shortcut else None)
       layers += [st.Residual(st.seq(*parts), sc), act]
     return st.seq(*layers, st.Pool("global_avg"), st.Linear(("head",), "dense"))

@@ -58,19 +58,19 @@ class Identity(nn.Module):
   kind: str = "none"
 
   @nn.compact
-  def __call__(self, x: Array, use_running_average: bool = False) -> Array:
-    del use_running_average
+  def __call__(self, x: Array, use_batch_stats: bool = True) -> Array:
+    del use_batch_stats
     return x
 
 
 class BatchNorm(_AffineMixin, nn.Module):
   """BatchNorm over all axes but the last.
 
-  `use_running_average=False` (train mode) normalizes with this batch's statistics (over
+  `use_batch_stats=True` (train mode) normalizes with this batch's statistics (over
   `axis_name` as well when set, i.e. over the global batch under pmap) and, when the
   `batch_stats` collection is mutable and the module is not initializing, updates the
   running statistics as `ra = momentum * ra + (1 - momentum) * batch_stat`.
-  `use_running_average=True` (eval mode) is the affine map
+  `use_batch_stats=False` (eval mode) is the affine map
   `gamma * (x - ra_mean) / sqrt(ra_var + eps) + beta`, whose Lipschitz constant is exactly
   `max_j |gamma_j| / sqrt(ra_var_j + eps)` (Lemma 1 with gamma = 1).
   """
@@ -85,13 +85,13 @@ class BatchNorm(_AffineMixin, nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, use_running_average: bool = False) -> Array:
+  def __call__(self, x: Array, use_batch_stats: bool = True) -> Array:
     c = x.shape[-1]
     axes = tuple(range(x.ndim - 1))
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    if use_running_average:
+    if not use_batch_stats:
       mean, var = ra_mean.value.astype(xf.dtype), ra_var.value.astype(xf.dtype)
       if self.is_mutable_collection(NORM_STATS):
         bm = jnp.mean(xf, axes)
@@ -136,10 +136,11 @@ class GroupNorm(_AffineMixin, nn.Module):
     return resolve_num_groups(channels, self.num_groups, self.group_size)
 
   @nn.compact
-  def __call__(self, x: Array, use_running_average: bool = False) -> Array:
-    del use_running_average
+  def __call__(self, x: Array, use_batch_stats: bool = True) -> Array:
+    del use_batch_stats
     n, c = x.shape[0], x.shape[-1]
     g = self.groups_for(c)
+    check_not_degenerate(self.kind, math.prod(x.shape[1:-1]) * (c // g), c, g)
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     xg = xf.reshape(n, -1, g, c // g)          # [N, positions, G, C/G]
     mean = jnp.mean(xg, axis=(1, 3))            # [N, G]
@@ -163,8 +164,8 @@ class RMSNorm(_AffineMixin, nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, use_running_average: bool = False) -> Array:
-    del use_running_average
+  def __call__(self, x: Array, use_batch_stats: bool = True) -> Array:
+    del use_batch_stats
     n, c = x.shape[0], x.shape[-1]
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(n, -1)
     ms = jnp.mean(jnp.square(xf), axis=1)
@@ -201,6 +202,21 @@ def resolve_num_groups(channels: int, num_groups: Optional[int],
   return num_groups
 
 
+def check_not_degenerate(kind: str, group_elements: int, channels: int,
+                         num_groups: int) -> None:
+  """ValueError when a per-sample centering normalizer (layer / group / instance) has
+  groups of a single element: `u - mean(u)` is then 0, so the layer outputs its bias
+  whatever the input and the network is constant. That happens on dense layers (no
+  spatial positions) with one feature per group, e.g. instance norm, or GN with
+  num_groups equal to the width."""
+  if group_elements == 1:
+    raise ValueError(
+        f"{kind} normalizer over {channels} channel(s) in {num_groups} group(s): each group "
+        "holds a single value (one feature, no spatial positions), so it has zero "
+        "variance and the network output is constant; use fewer groups, or 'layer', "
+        "'batch' or 'rms'")
+
+
 def lipschitz_factor(scale: Optional[Array], sigma2: Array, epsilon: float) -> Array:
   """`max|gamma| / sqrt(min sigma2 + eps)`, the factor of docs/theory.md#normalizer-factor.
 
@@ -219,4 +235,4 @@ def lipschitz_factor(scale: Optional[Array], sigma2: Array, epsilon: float) -> A
 
 
 __all__ = ["Identity", "BatchNorm", "GroupNorm", "RMSNorm", "NORM_STATS",
-           "resolve_num_groups", "lipschitz_factor", "divisors"]
+           "resolve_num_groups", "check_not_degenerate", "lipschitz_factor", "divisors"]

@@ -1,13 +1,13 @@
 """The normalizer registry: `get_normalizer(name, **options)` -> a linen module factory.
 
 The factory is called like a module class, e.g. `get_normalizer("group", num_groups=8)
-(name="norm_0")`, and the module is applied as `norm(x, use_running_average=...)`.
+(name="norm_0")`, and the module is applied as `norm(x, use_batch_stats=...)` (see
+`lipnorm.bn_modes`).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from flax import linen as nn
 
@@ -24,11 +24,13 @@ _NORMALIZERS.register("group")((layers.GroupNorm, {"kind": "group"}))
 _NORMALIZERS.register("instance")((layers.GroupNorm, {"group_size": 1, "kind": "instance"}))
 _NORMALIZERS.register("rms")((layers.RMSNorm, {}))
 
-# Options a user may set per normalizer (the rest of the dataclass fields are internal).
+# Options a user may set per normalizer (the rest of the dataclass fields are internal;
+# BatchNorm's `axis_name` is set by the model from its `bn_axis_name` argument, which
+# only training passes).
 _OPTIONS = {
     "none": (),
-    "batch": ("epsilon", "momentum", "axis_name", "use_scale", "use_bias", "scale_init",
-              "bias_init", "param_dtype"),
+    "batch": ("epsilon", "momentum", "use_scale", "use_bias", "scale_init", "bias_init",
+              "param_dtype"),
     "layer": ("epsilon", "use_scale", "use_bias", "scale_init", "bias_init", "param_dtype"),
     "group": ("num_groups", "group_size", "epsilon", "use_scale", "use_bias", "scale_init",
               "bias_init", "param_dtype"),
@@ -45,8 +47,8 @@ def normalizer_names() -> list[str]:
 def get_normalizer(name: str, **options: Any) -> NormFactory:
   """Returns a factory for the normalizer `name` with the given options.
 
-  Options (where meaningful): epsilon, momentum (BN), axis_name (BN: sync statistics
-  over that pmap axis), num_groups or group_size (GN), use_scale, use_bias.
+  Options (where meaningful): epsilon, momentum (BN), num_groups or group_size (GN),
+  use_scale, use_bias.
   Raises ValueError for an unknown name, an option the normalizer does not take, or
   an impossible value.
   """
@@ -77,10 +79,14 @@ def is_normalizer(module: nn.Module) -> bool:
                              layers.RMSNorm))
 
 
-def factory_kind(factory: NormFactory) -> str:
-  """The registry name a factory builds (reads the module's `kind` field)."""
-  cls = factory.func if isinstance(factory, functools.partial) else factory
-  kw = factory.keywords if isinstance(factory, functools.partial) else {}
-  if "kind" in kw:
-    return kw["kind"]
-  return {f.name: f.default for f in dataclasses.fields(cls)}["kind"]
+def channel_groups(name: str, channels: int, **options: Any) -> Optional[int]:
+  """Per-sample groups the normalizer `name` normalizes over `channels` channels (1 for
+  layer, `channels` for instance), or None for normalizers without per-sample groups
+  (none, batch, rms). ValueError (listing the allowed values) when GN's `num_groups` /
+  `group_size` does not divide `channels`."""
+  cls, fixed = _NORMALIZERS.get(name)
+  if cls is not layers.GroupNorm:
+    return None
+  merged = {**fixed, **options}
+  return layers.resolve_num_groups(channels, merged.get("num_groups"),
+                                   merged.get("group_size"))

@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from lipnorm.probes.lipschitz_metrics import has_batchnorm, hessian_top, lipschitz_metrics
 from lipnorm.probes.options import PROBE_OPTIONS, validate_probe_options
-from lipnorm.probes.prober import LayerProber, flatten_probes, strip_axis_name
+from lipnorm.probes.prober import LayerProber, flatten_probes
 
 
 def probe_inputs(probe_batch: Any) -> jax.Array:
@@ -97,13 +97,14 @@ def probe_option(config: Any, key: str) -> Any:
 def probe_hook_fns(config: Any, model: nn.Module, num_classes: int
                    ) -> list[tuple[str, int, Callable[[int, Any, Any], dict]]]:
   """(name, every, fn) of the hooks `config.probes` asks for (none when disabled).
-  `model` may be the training model (BN synced over a pmap axis): the hooks measure a
-  copy without the axis, on the host."""
+  `model` may be the training model (BN synced over the pmap axis `bn_axis_name`): the
+  hooks run on the host, outside pmap, so they measure it without that axis."""
   probes = getattr(config, "probes", None)
   validate_probe_options(dict(probes) if probes is not None else {})
   if not probe_option(config, "enabled"):
     return []
-  model = strip_axis_name(model)
+  if getattr(model, "bn_axis_name", None) is not None:
+    model = model.clone(bn_axis_name=None)
   hooks: list[tuple[str, int, Callable]] = [
       ("layers", int(probe_option(config, "every_steps")),
        LayerProbeHook(model, int(probe_option(config, "every_steps")),

@@ -53,7 +53,6 @@ from lipnorm.probes.layout import Path, ProbeLayout, probe_layout
 Array = jax.Array
 # Collections a probe pass writes; dropped from the variables it is given.
 _PROBE_COLLECTIONS = (NORM_STATS, "intermediates")
-BN_MODES = ("eval", "batch")
 
 LINEAR_STATS = ("preact_var_min", "preact_var_mean", "preact_var_median", "frobenius")
 NORM_STATS_KEYS = ("var_min", "var_mean", "var_median", "sigma2_min", "factor",
@@ -175,7 +174,7 @@ def _cumprod(values: np.ndarray) -> np.ndarray:
   return np.cumprod(np.asarray(values, np.float64))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LayerProbes:
   """The probe statistics of one BN mode, as float64 NumPy arrays, layers in order.
 

@@ -17,18 +17,15 @@ from lipnorm.losses import cross_entropy
 NAN = float("nan")
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-  return bool(lipschitz.model_info.batchnorm_paths(model, {}))
+has_batchnorm = lipschitz.has_batchnorm
 
 
 def _finite_or_none(fn: Callable, *args, **kwargs):
   """Runs a measurement; a non-finite network (diverged) gives None instead of raising."""
   try:
     return fn(*args, **kwargs)
-  except ValueError as e:
-    if "finite" in str(e):
-      return None
-    raise
+  except lipschitz.NonFiniteError:
+    return None
 
 
 def _max_mean(result) -> tuple[float, float]:

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-LAYER_BN_MODES = ("eval", "batch")
-LIPSCHITZ_BN_MODES = ("eval", "batch_fixed", "batch_coupled")
+from lipnorm.bn_modes import BATCH, EVAL, FORWARD_BN_MODES, LIPSCHITZ_BN_MODES
 
 PROBE_OPTIONS: dict[str, Any] = {
     "enabled": False,
     "every_steps": 100,             # layer statistics: one forward pass + weight op norms
     "lipschitz_every_steps": 1000,  # Lipschitz constants, bounds, Hessian eigenvalue
     "batch_size": 256,              # the fixed probe batch (first train examples)
-    "bn_modes": ("eval", "batch"),  # layer statistics in these BN modes (batch = training forward)
+    "bn_modes": (EVAL, BATCH),      # layer statistics in these FORWARD_BN_MODES (lipnorm.bn_modes)
     "spectral_every_steps": 500,    # exact weight operator norms at layer probes of steps
                                     # divisible by this (SVDs / conv power iterations; 0: never)
     "lipschitz": True,              # run the Lipschitz hook at all
     "lipschitz_examples": 8,        # examples of the probe batch for local Lipschitz constants
-    "lipschitz_bn_modes": ("eval",),  # add "batch_fixed" for the training-mode function
+    "lipschitz_bn_modes": (EVAL,),  # LIPSCHITZ_BN_MODES; add "batch_fixed" for training mode
     "param_lipschitz": True,        # also ||J_theta f||_2
     "bound": True,                  # also the engine's upper bound
     "hessian_examples": 128,        # examples for the loss Hessian's top eigenvalue (0: off)
@@ -53,5 +52,5 @@ def validate_probe_options(probes: Mapping[str, Any]) -> None:
     _int(name, get(name), 1)
   _int("hessian_examples", get("hessian_examples"), 0)
   _int("spectral_every_steps", get("spectral_every_steps"), 0)
-  _subset("bn_modes", get("bn_modes"), LAYER_BN_MODES)
+  _subset("bn_modes", get("bn_modes"), FORWARD_BN_MODES)
   _subset("lipschitz_bn_modes", get("lipschitz_bn_modes"), LIPSCHITZ_BN_MODES)

@@ -7,22 +7,10 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from flax import linen as nn
-from flax.core import FrozenDict
 
-from lipnorm.probes.layer_stats import (BN_MODES, LayerProbes, assemble, make_probe_fn)
+from lipnorm.bn_modes import EVAL, FORWARD_BN_MODES, uses_batch_stats
+from lipnorm.probes.layer_stats import LayerProbes, assemble, make_probe_fn
 from lipnorm.probes.layout import ProbeLayout, probe_layout
-
-
-def strip_axis_name(model: nn.Module) -> nn.Module:
-  """`model` without a BatchNorm `axis_name` in its `norm_options` (training syncs BN
-  statistics over a pmap axis; probes and Lipschitz measurements run outside pmap, where
-  that axis is unbound), with the options frozen so the module stays hashable (jit
-  takes models as static arguments). Other models are returned as they are."""
-  opts = getattr(model, "norm_options", None)
-  if isinstance(opts, Mapping) and ("axis_name" in opts or not isinstance(opts, FrozenDict)):
-    return model.clone(norm_options=FrozenDict(
-        {k: v for k, v in dict(opts).items() if k != "axis_name"}))
-  return model
 
 
 def weight_spectral_norms(model: nn.Module, variables: Any, layout: ProbeLayout,
@@ -39,26 +27,27 @@ class LayerProber:
 
   Args:
     model: a zoo model (anything with `structure()` and the `apply` contract).
-    bn_modes: subset of ("eval", "batch"); "batch" is only run when the model has a
-      BatchNorm (for every other normalizer both modes are the same computation).
+    bn_modes: subset of `FORWARD_BN_MODES` ("eval", "batch"); "batch" is only run when
+      the model has a BatchNorm (for every other normalizer both modes are the same
+      computation).
     spectral: also compute each weight's exact operator norm (costs one call into the
       Lipschitz engine per probe; weights do not depend on the BN mode).
   """
 
   def __init__(self, model: nn.Module, *, bn_modes: Sequence[str] = ("eval",),
                spectral: bool = True):
-    bad = [m for m in bn_modes if m not in BN_MODES]
+    bad = [m for m in bn_modes if m not in FORWARD_BN_MODES]
     if bad or not bn_modes:
       raise ValueError(f"bn_modes={list(bn_modes)!r}; allowed: a non-empty subset of "
-                       f"{list(BN_MODES)}")
+                       f"{list(FORWARD_BN_MODES)}")
     self.model = model
     self.layout = probe_layout(model.structure())
     has_bn = "batch" in self.layout.norm_kinds
-    self.bn_modes = tuple(m for m in dict.fromkeys(bn_modes) if m == "eval" or has_bn)
+    self.bn_modes = tuple(m for m in dict.fromkeys(bn_modes) if m == EVAL or has_bn)
     if not self.bn_modes:   # asked only for "batch" on a model without BN: same as eval
-      self.bn_modes = ("eval",)
+      self.bn_modes = (EVAL,)
     self.spectral = spectral
-    self._fns = {m: make_probe_fn(model, self.layout, use_batch_stats=(m == "batch"))
+    self._fns = {m: make_probe_fn(model, self.layout, use_batch_stats=uses_batch_stats(m))
                  for m in self.bn_modes}
 
   def __call__(self, variables: Any, x: jax.Array, *, spectral: bool | None = None

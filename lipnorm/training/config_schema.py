@@ -46,9 +46,9 @@ from typing import Any, Iterable, Optional
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from lipnorm.bn_modes import BN_STATS_SCOPES
 from lipnorm.probes.options import PROBE_OPTIONS, validate_probe_options
 
-BN_STATS_SCOPES = ("global", "per_device")
 DTYPES = ("float32", "bfloat16")
 DISTRIBUTED_MODES = ("auto", "on", "off")
 # `config.model.norm_options` fields and their types; unset (None) = the normalizer's default.

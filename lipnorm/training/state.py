@@ -8,18 +8,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lipnorm.bn_modes import GLOBAL
 from lipnorm.models import get_model
 from lipnorm.training.config_schema import model_kwargs
 
 AXIS_NAME = "batch"  # the pmap axis: gradients, metrics and global BN statistics reduce over it
 
 
-def build_model(config, num_classes: int):
-  """`config.model` -> a linen module. With `bn_stats="global"` and a BatchNorm model, BN
-  gets `axis_name=AXIS_NAME` so its batch statistics are those of the global batch."""
+def build_model(config, num_classes: int, *, pmap: bool = True):
+  """`config.model` -> a linen module. With `bn_stats="global"` and a BatchNorm model, the
+  training model (`pmap=True`) gets `bn_axis_name=AXIS_NAME`, so its batch statistics
+  are those of the global batch. `pmap=False` gives the same model for use outside
+  pmap (probes, measurements): same parameters, no axis."""
   kwargs = model_kwargs(config)
-  if config.model.norm == "batch" and config.bn_stats == "global":
-    kwargs["norm_options"] = {**kwargs.get("norm_options", {}), "axis_name": AXIS_NAME}
+  if pmap and config.model.norm == "batch" and config.bn_stats == GLOBAL:
+    kwargs["bn_axis_name"] = AXIS_NAME
   if config.dtype != "float32":
     kwargs["dtype"] = jnp.dtype(config.dtype)
   return get_model(config.model.name, num_classes=num_classes, **kwargs)
