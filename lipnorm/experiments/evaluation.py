@@ -1,4 +1,5 @@
-"""Accuracy and loss of a model on arrays, in fixed-size jitted chunks (eval mode)."""
+"""Logits, accuracy, loss and margins of a model on arrays, in fixed-size jitted chunks
+(eval mode)."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,28 +11,56 @@ import optax
 from flax import linen as nn
 
 
+def predict(model: nn.Module, variables: Any, images: np.ndarray, *,
+            batch_size: int = 500) -> np.ndarray:
+  """Logits `[N, num_classes]` (float32 NumPy) of `model` in eval mode (BN on running
+  statistics) on `images` `[N, ...]`; the last chunk is padded, so one compiled
+  function serves every chunk."""
+  n = len(images)
+  if n == 0:
+    raise ValueError("predict: no examples")
+  bs = min(batch_size, n)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  out = []
+  for start in range(0, n, bs):
+    x = np.asarray(images[start:start + bs])
+    m = len(x)
+    if m < bs:
+      x = np.concatenate([x, np.zeros((bs - m,) + x.shape[1:], x.dtype)])
+    out.append(np.asarray(apply(variables, jnp.asarray(x)))[:m])
+  return np.concatenate(out)
+
+
 def evaluate(model: nn.Module, variables: Any, images: np.ndarray, labels: np.ndarray, *,
              batch_size: int = 500) -> dict[str, float]:
   """{"accuracy", "loss"} of `model` (eval mode, BN on running statistics) on
-  `images` `[N, ...]` / integer `labels` `[N]`; the last chunk is padded and masked so
-  one compiled function serves every chunk. Non-finite logits count as wrong answers
+  `images` `[N, ...]` / integer `labels` `[N]`. Non-finite logits count as wrong answers
   with infinite loss (a diverged net must not look accurate)."""
+  return metrics_from_logits(predict(model, variables, images, batch_size=batch_size),
+                             labels)
+
+
+def metrics_from_logits(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """{"accuracy", "loss"} of logits `[N, C]` against integer labels `[N]` (see
+  `evaluate` for non-finite rows)."""
+  labels = np.asarray(labels)
+  finite = np.all(np.isfinite(logits), axis=1)
+  correct = float(np.sum((logits.argmax(1) == labels) & finite))
+  ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(
+      jnp.asarray(np.where(finite[:, None], logits, 0.0)), jnp.asarray(labels)))
+  loss = float(np.sum(np.where(finite, ce, np.inf)))
   n = len(labels)
-  if n == 0:
-    raise ValueError("evaluate: no examples")
-  bs = min(batch_size, n)
-  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  correct, loss = 0.0, 0.0
-  for start in range(0, n, bs):
-    x = np.asarray(images[start:start + bs])
-    y = np.asarray(labels[start:start + bs])
-    m = len(y)
-    if m < bs:
-      x = np.concatenate([x, np.zeros((bs - m,) + x.shape[1:], x.dtype)])
-    logits = np.asarray(apply(variables, jnp.asarray(x)))[:m]
-    finite = np.all(np.isfinite(logits), axis=1)
-    correct += float(np.sum((logits.argmax(1) == y) & finite))
-    ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(
-        jnp.asarray(np.where(finite[:, None], logits, 0.0)), jnp.asarray(y)))
-    loss += float(np.sum(np.where(finite, ce, np.inf)))
   return {"accuracy": correct / n, "loss": loss / n}
+
+
+def margins(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """Output margins `[N]`: the true class's logit minus the largest other logit
+  (negative for a misclassified example; NaN for a non-finite row)."""
+  logits = np.asarray(logits, np.float64)
+  labels = np.asarray(labels)
+  idx = np.arange(len(labels))
+  true = logits[idx, labels]
+  others = logits.copy()
+  others[idx, labels] = -np.inf
+  m = true - others.max(axis=1)
+  return np.where(np.all(np.isfinite(logits), axis=1), m, np.nan)

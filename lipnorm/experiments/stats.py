@@ -171,19 +171,21 @@ def kendall_tau(x: Sequence[Any], y: Sequence[Any]) -> float:
 
 
 def granulated_tau(records: Sequence[Mapping[str, Any]], measure: str, target: str,
-                   axes: Sequence[str], *, tau: Callable = kendall_tau
-                   ) -> dict[str, Any]:
+                   axes: Sequence[str], *, fixed: Sequence[str] = (),
+                   tau: Callable = kendall_tau) -> dict[str, Any]:
   """Jiang et al.'s granulated Kendall coefficient of `measure` against `target`.
 
   For each hyperparameter axis: the records are grouped by the values of every OTHER
   axis, so each group holds nets that differ only in that axis; tau is computed within
   each group of >= 2 nets (NaN groups, e.g. constant measure, skipped) and averaged.
+  Keys in `fixed` (e.g. the architecture family) always split groups, without being
+  an axis themselves.
   Psi = the mean of the per-axis averages over the axes that had a group.
   Returns {"axes": {axis: {"tau": mean, "groups": number used}}, "psi": Psi}.
   """
   per_axis = {}
   for axis in axes:
-    others = [a for a in axes if a != axis]
+    others = [*fixed, *(a for a in axes if a != axis)]
     groups: dict[tuple, list] = {}
     for r in records:
       groups.setdefault(tuple(_hashable(r.get(a)) for a in others), []).append(r)
