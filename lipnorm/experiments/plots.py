@@ -71,7 +71,8 @@ def color_for(name: str, names: Sequence[str]) -> Any:
 
 def bands(ax, x: Mapping[str, np.ndarray], samples: Mapping[str, Sequence[np.ndarray]], *,
           title: str, xlabel: str, ylabel: str, log: bool = True, markers: bool = False,
-          colors: Optional[Mapping[str, Any]] = None) -> None:
+          colors: Optional[Mapping[str, Any]] = None,
+          styles: Optional[Mapping[str, str]] = None) -> None:
   """Per label: the mean over its samples (e.g. seeds; arrays on the shared x of that
   label) as a line and mean ± std as a shaded band (no band for a single sample)."""
   means = {}
@@ -87,7 +88,7 @@ def bands(ax, x: Mapping[str, np.ndarray], samples: Mapping[str, Sequence[np.nda
       kw = {"color": colors[label]} if colors and label in colors else {}
       ax.fill_between(x[label], lo, mean + std, alpha=0.2, lw=0, **kw)
   lines(ax, x, means, title=title, xlabel=xlabel, ylabel=ylabel, log=log, markers=markers,
-        colors=colors)
+        colors=colors, styles=styles)
 
 
 def bars(ax, names: Sequence[str], values: Sequence[float], *, title: str, ylabel: str,
