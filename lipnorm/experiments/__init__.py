@@ -104,6 +104,10 @@ register(Experiment(
         "cpu": _compare(lambda: presets.cifar_relu10(1000), "runs/compare_relu10",
                         DENSE_NORMS, 32),
         "cpu_cnn": _compare(lambda: presets.cifar_cnn(1000), "runs/compare_cnn", CONV_NORMS, 8),
+        # the ResNet-18 architecture at width 16 (all 20 BN slots) with none / BN / GN
+        "cpu_resnet18_w16": _compare(lambda: presets.cifar_resnet18_narrow(300, 16, "none"),
+                                     "runs/compare_resnet18_w16", ("none", "batch", "group"),
+                                     8),
         "gpu_resnet18": _compare(lambda: presets.gpu("resnet18_cifar10", 30, "none"),
                                  "runs/compare_resnet18", CONV_NORMS, 32, num_examples=128),
         "gpu_efficientnet_b3": _compare(
