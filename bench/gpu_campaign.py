@@ -97,10 +97,21 @@ def campaign_config(config_name: str, epochs: float, *, tiny: bool,
 @contextlib.contextmanager
 def stop_after(seconds: float):
   """Sends this process SIGTERM after `seconds` (the training loop checkpoints and stops
-  at the next step); outside the loop's own handler SIGTERM is ignored meanwhile, so a
-  timer firing just after training ends cannot kill the campaign."""
-  previous = signal.signal(signal.SIGTERM, lambda *_: None)
-  timer = threading.Timer(max(seconds, 0.0), os.kill, (os.getpid(), signal.SIGTERM))
+  at the next step). Outside the loop's own handler, the timer's SIGTERM is ignored (one
+  firing just after training ends must not kill the campaign) while any other SIGTERM
+  still ends the process."""
+  fired = threading.Event()
+
+  def on_sigterm(signum, frame):
+    if not fired.is_set():
+      raise SystemExit(128 + signum)
+
+  def fire():
+    fired.set()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  previous = signal.signal(signal.SIGTERM, on_sigterm)
+  timer = threading.Timer(max(seconds, 0.0), fire)
   timer.daemon = True
   timer.start()
   try:
