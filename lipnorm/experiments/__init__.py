@@ -2,7 +2,7 @@
 writing figures and markdown to `config.out_dir`, and the CLI
 `python -m lipnorm.experiments <sweep|dynamics|compare|regime> [--preset P] [key=value ...]`.
 """
-from lipnorm.experiments import compare, dynamics, presets, regime, sweep
+from lipnorm.experiments import compare, correlate, dynamics, presets, regime, sweep
 from lipnorm.experiments.registry import (EXPERIMENTS, Experiment, get_config, get_experiment,
                                           register)
 
@@ -104,6 +104,10 @@ register(Experiment(
         "cpu": _compare(lambda: presets.cifar_relu10(1000), "runs/compare_relu10",
                         DENSE_NORMS, 32),
         "cpu_cnn": _compare(lambda: presets.cifar_cnn(1000), "runs/compare_cnn", CONV_NORMS, 8),
+        # the ResNet-18 architecture at width 16 (all 20 BN slots) with none / BN / GN
+        "cpu_resnet18_w16": _compare(lambda: presets.cifar_resnet18_narrow(300, 16, "none"),
+                                     "runs/compare_resnet18_w16", ("none", "batch", "group"),
+                                     8),
         "gpu_resnet18": _compare(lambda: presets.gpu("resnet18_cifar10", 30, "none"),
                                  "runs/compare_resnet18", CONV_NORMS, 32, num_examples=128),
         "gpu_efficientnet_b3": _compare(
@@ -133,5 +137,54 @@ register(Experiment(
         "cpu": _regime("cpu", "runs/regime_cpu", (2, 4, 8, 16, 32), 128),
         "gpu": _regime("gpu_resnet18", "runs/regime_gpu", (2, 4, 8, 16, 32, 64), 512),
     }))
+
+
+# ----------------------------------------------------------------------------- correlate
+def _correlate_tiny():
+  """A few relu_nets on the bundled digits: runs in well under a minute."""
+  c = correlate.default_config()
+  c.out_dir = "runs/correlate_tiny"
+  c.train.data.batch_size = 64
+  c.train.log_every_steps = 10
+  c.base.update(depth=2, width=16, lr=0.05, batch=64)
+  c.blocks = ({"norm": ("none", "batch"), "depth": (2, 3)},)
+  c.target_loss, c.max_steps, c.chunk_steps = 0.05, 40, 20
+  c.num_examples, c.hessian_examples = 4, 16
+  return c
+
+
+def _correlate_cifar():
+  """E5 on the first 10,000 CIFAR-10 training images, 43 nets (relu_net and cnn), to
+  train cross-entropy 0.05 or 4000 steps (about 51 epochs at batch 128)."""
+  c = correlate.default_config()
+  c.out_dir = "runs/correlate_cifar"
+  c.train.data.source = "cifar10"
+  c.train.data.num_train = 10000
+  c.train.data.augment = False
+  c.train.data.eval_batch_size = 500
+  c.train.log_every_steps = 50
+  c.target_loss, c.max_steps, c.chunk_steps = 0.05, 4000, 500
+  c.base.update(model="relu_net", depth=6, width=256, norm="none", k="all", lr=0.01,
+                wd=5e-4, batch=128)
+  c.blocks = (
+      # architecture x normalizer
+      {"depth": (4, 8), "width": (256, 512), "norm": ("none", "batch", "layer")},
+      # optimization x normalizer
+      {"depth": 8, "lr": (0.01, 0.05), "wd": (0.0, 5e-4), "batch": (64, 256),
+       "norm": ("none", "batch")},
+      # number of BN layers at depth 8
+      {"depth": 8, "norm": "batch", "k": (1, 2, 3, 5)},
+      # the CNN with each normalizer at two learning rates
+      {"model": "cnn", "depth": 2, "width": 16,
+       "norm": ("none", "batch", "layer", "group", "rms"), "lr": (0.01, 0.05)},
+  )
+  return c
+
+
+register(Experiment(
+    "correlate", "E5: does capacity predict generalization? Kendall tau (and Jiang et "
+    "al.'s granulated tau) of capacity measures vs the generalization gap over a grid "
+    "of trained nets", correlate.default_config, correlate.run_correlate,
+    {"tiny": _correlate_tiny, "cifar": _correlate_cifar}))
 
 __all__ = ["EXPERIMENTS", "Experiment", "get_config", "get_experiment", "register"]

@@ -6,6 +6,11 @@ generalization gap (train - test accuracy), the local input and parameter Lipsch
 constants on a fixed batch (max and mean), the sound upper bound, the top Hessian
 eigenvalue of the training loss, and whether training diverged. Writes compare.md,
 compare.json, compare_metrics.png, compare_curves.png and each run's E2 figures.
+
+With several `seeds` every normalizer is trained once per seed (workdirs
+runs/<norm>_s<seed>; one seed keeps runs/<norm>): the table shows mean ± std over seeds,
+the bars and curves the spread, and the verdicts say whether each normalizer's test
+accuracy and gap differ from the first normalizer's by more than the seed noise (Welch).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from lipnorm.experiments import common, plots
+from lipnorm.experiments import common, plots, stats
 from lipnorm.experiments.dynamics import default_config as dynamics_config
 from lipnorm.experiments.dynamics import run_dynamics
 from lipnorm.experiments.evaluation import evaluate
@@ -44,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.hessian_examples = 256  # batch of the training loss whose Hessian is probed
   c.bn_mode = "eval"        # BN regime of the measured functions
   c.dynamics = True         # also write each run's E2 figures
+  c.seeds = ()              # () = train.seed only; a count n or a list of seeds
   return c
 
 
@@ -51,28 +57,54 @@ def run_compare(config: ml_collections.ConfigDict) -> dict[str, Any]:
   c = config
   if not c.norms:
     raise ValueError("compare: norms is empty")
+  seeds = stats.seed_list(c.seeds, c.train.seed)
   out = pathlib.Path(c.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   rows = []
   for norm in c.norms:
     opts = c.norm_options.get(norm, None)
-    tcfg = common.with_norm(c.train, norm, opts.to_dict() if opts is not None else {})
-    workdir = out / "runs" / norm
-    run = common.train_and_load(tcfg, workdir)
-    rows.append({"norm": norm, "workdir": str(workdir), **_evaluate_run(c, run)})
-    if c.dynamics and not rows[-1]["diverged"]:
-      dcfg = dynamics_config()
-      dcfg.workdir, dcfg.out_dir, dcfg.title = str(workdir), str(workdir / "dynamics"), norm
-      try:
-        run_dynamics(dcfg)
-      except ValueError as e:   # e.g. probes disabled: the table is still valid
-        rows[-1]["dynamics_error"] = str(e)
-  summary = {"model": c.train.model.to_dict(), "bn_mode": c.bn_mode, "rows": rows,
+    for seed in seeds:
+      tcfg = common.with_norm(c.train, norm, opts.to_dict() if opts is not None else {})
+      tcfg.seed = seed
+      workdir = out / "runs" / (norm if len(seeds) == 1 else f"{norm}_s{seed}")
+      run = common.train_and_load(tcfg, workdir)
+      rows.append({"norm": norm, "seed": seed, "workdir": str(workdir),
+                   **_evaluate_run(c, run)})
+      if c.dynamics and not rows[-1]["diverged"]:
+        dcfg = dynamics_config()
+        dcfg.workdir, dcfg.out_dir = str(workdir), str(workdir / "dynamics")
+        dcfg.title = norm if len(seeds) == 1 else f"{norm} seed {seed}"
+        try:
+          run_dynamics(dcfg)
+        except ValueError as e:   # e.g. probes disabled: the table is still valid
+          rows[-1]["dynamics_error"] = str(e)
+  keys = [k for k, _ in COLUMNS] + ["train_loss", "norm_factor_product", "product_bound"]
+  summary = {"model": c.train.model.to_dict(), "bn_mode": c.bn_mode, "seeds": seeds,
+             "rows": rows, "aggregate": stats.aggregate(rows, ["norm"], keys),
+             "verdicts": verdicts(rows, list(c.norms)),
              "files": ["compare.md", "compare_metrics.png", "compare_curves.png"]}
-  _plot(rows, out)
+  _plot(summary, out)
   (out / "compare.json").write_text(json.dumps(summary, indent=1))
   (out / "compare.md").write_text(compare_markdown(summary))
   return summary
+
+
+def verdicts(rows: list[dict], norms: list[str],
+             keys: tuple[str, ...] = ("test_accuracy", "gap")) -> list[dict[str, Any]]:
+  """For each normalizer after the first (the reference, usually "none") and each of
+  `keys`: mean difference to the reference over seeds, its Welch 95% interval and whether
+  it is inside the seed noise (None with a single seed)."""
+  ref = norms[0]
+  out = []
+  for norm in norms[1:]:
+    for key in keys:
+      d = stats.difference([r.get(key) for r in rows if r["norm"] == norm],
+                           [r.get(key) for r in rows if r["norm"] == ref])
+      out.append({"norm": norm, "reference": ref, "metric": key, "delta": d.delta,
+                  "low": d.low, "high": d.high, "p_value": d.p_value,
+                  "inside_noise": d.inside_noise,
+                  "text": d.text(f"{norm} - {ref} {key}:")})
+  return out
 
 
 def _evaluate_run(c, run: common.Run) -> dict[str, Any]:
@@ -95,8 +127,9 @@ def _evaluate_run(c, run: common.Run) -> dict[str, Any]:
   return row
 
 
-def _plot(rows, out: pathlib.Path) -> None:
-  names = [r["norm"] for r in rows]
+def _plot(summary: dict, out: pathlib.Path) -> None:
+  agg = summary["aggregate"]
+  names = [a["norm"] for a in agg]
   fig, ax = plots.figure(4, 2, width=3.6)
   for i, (key, label, log) in enumerate((
       ("test_accuracy", "test accuracy", False), ("gap", "train - test accuracy", False),
@@ -104,31 +137,45 @@ def _plot(rows, out: pathlib.Path) -> None:
       ("lip_theta_max", "local Lip_theta (max)", True), ("bound", "upper bound on Lip_x", True),
       ("hessian_top", "top Hessian eigenvalue", True),
       ("norm_factor_product", "product of normalizer factors", True))):
-    plots.bars(ax[i], names, [r.get(key, np.nan) for r in rows], title=label, ylabel=label,
-               log=log)
+    plots.bars(ax[i], names, [a.get(key, np.nan) for a in agg], title=label, ylabel=label,
+               log=log, errors=[a[key + "_stats"]["std"] for a in agg])
   plots.save(fig, out / "compare_metrics.png")
   fig, ax = plots.figure(2)
-  losses, accs, lx, ax_ = {}, {}, {}, {}
-  for r in rows:
+  loss_x, loss_runs, acc_x, acc_runs = {}, {}, {}, {}
+  for r in summary["rows"]:
     records = read_records(r["workdir"])
-    lkey = first_key(records, "train", ("loss",))
-    if lkey:
-      lx[r["norm"]], losses[r["norm"]] = series(records, "train", lkey)
-    akey = first_key(records, "eval", ("accuracy",))
-    if akey:
-      ax_[r["norm"]], accs[r["norm"]] = series(records, "eval", akey)
-  plots.lines(ax[0], lx, losses, title="training loss", xlabel="step", ylabel="loss")
-  plots.lines(ax[1], ax_, accs, title="test accuracy", xlabel="step", ylabel="accuracy",
-              log=False, markers=True)
+    for kind, x, runs, ax_key in (("train", loss_x, loss_runs, "loss"),
+                                  ("eval", acc_x, acc_runs, "accuracy")):
+      if first_key(records, kind, (ax_key,)):
+        steps, v = series(records, kind, ax_key)
+        if r["norm"] in x and len(x[r["norm"]]) != len(steps):
+          continue          # a diverged seed stopped early: its curve does not align
+        x[r["norm"]] = steps
+        runs.setdefault(r["norm"], []).append(v)
+  plots.bands(ax[0], loss_x, loss_runs, title="training loss", xlabel="step", ylabel="loss")
+  plots.bands(ax[1], acc_x, acc_runs, title="test accuracy", xlabel="step",
+              ylabel="accuracy", log=False, markers=True)
   plots.save(fig, out / "compare_curves.png")
 
 
 def compare_markdown(s: dict) -> str:
   model = ", ".join(f"{k}={v}" for k, v in s["model"].items()
                     if k not in ("norm", "norm_options"))
-  rows = [[r["norm"], *[r.get(k) for k, _ in COLUMNS]] for r in s["rows"]]
-  return (f"# E3 normalizer comparison ({model}; BN measured in `{s['bn_mode']}` mode)\n\n"
+  seeds = s.get("seeds", [None])
+  head = (f"# E3 normalizer comparison ({model}; BN measured in `{s['bn_mode']}` mode)\n\n"
           "Lipschitz constants are local (spectral norms of Jacobians on a fixed train batch); "
           "`bound` is the engine's sound upper bound on the global input Lipschitz constant; "
-          "`gap` = train - test accuracy (eval mode, unaugmented).\n\n"
-          + markdown_table(["norm", *[h for _, h in COLUMNS]], rows))
+          "`gap` = train - test accuracy (eval mode, unaugmented).\n\n")
+  if len(seeds) <= 1:
+    rows = [[r["norm"], *[r.get(k) for k, _ in COLUMNS]] for r in s["rows"]]
+    return head + markdown_table(["norm", *[h for _, h in COLUMNS]], rows)
+  rows = [[a["norm"], a["n_runs"], *[stats.cell(a, k) for k, _ in COLUMNS]]
+          for a in s["aggregate"]]
+  return (head + f"Mean ± std over seeds {seeds} (`diverged`: the fraction of seeds).\n\n"
+          + markdown_table(["norm", "seeds", *[h for _, h in COLUMNS]], rows)
+          + "\n## Differences to the reference (Welch, 95%)\n\n"
+          + "".join(f"- {v['text']}\n" for v in s["verdicts"])
+          + "\n## Every run\n\n"
+          + markdown_table(["norm", "seed", *[h for _, h in COLUMNS]],
+                           [[r["norm"], r["seed"], *[r.get(k) for k, _ in COLUMNS]]
+                            for r in s["rows"]]))

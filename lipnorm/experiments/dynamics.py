@@ -5,6 +5,12 @@ Figure 2: per-layer input variances (of each normalizer, or before each activati
           an unnormalized net) and their cumulative product over layers, over steps.
 Figure 3: weight norms and input variances of a few selected layers.
 Also writes `dynamics.md` / `dynamics.json` with first/last values and ratios.
+
+Several seeds (`seeds`, training each into `<workdir>_s<seed>`; or several existing
+`workdirs`): each run gets its own figures in `<out_dir>/<run name>/`, and `out_dir`
+gets fig_seeds.png (the weight-norm product and the cumulative variance product over
+steps, mean ± std band over runs) and dynamics.md / dynamics.json with every summary
+number and every layer's last/first ratio as mean ± std over runs.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from lipnorm.experiments import common, plots
+from lipnorm.experiments import common, plots, stats
 from lipnorm.experiments.fit import fit_growth
 from lipnorm.experiments.records import first_key, has_key, read_records, series
 from lipnorm.training.run_log import ACCURACY
@@ -32,6 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.weight_norm = "auto"    # spectral | frobenius | auto (spectral if logged at >= 3 steps)
   c.select_layers = 6       # Figure 3: this many evenly spaced layers
   c.title = ""
+  c.seeds = ()              # with train_enabled: () = train.seed only; a count or a list
+  c.workdirs = ()           # or: several existing workdirs (e.g. seeds) to aggregate
   return c
 
 
@@ -75,7 +83,89 @@ def _select(n: int, k: int) -> list[int]:
 
 def run_dynamics(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Writes fig1_weights.png, fig2_variances.png, fig3_selected_layers.png, dynamics.md,
-  dynamics.json to `config.out_dir`; returns the summary dict."""
+  dynamics.json to `config.out_dir` (several seeds / workdirs: see the module
+  docstring); returns the summary dict."""
+  seeds = stats.seed_list(config.seeds, config.train.seed)
+  if config.workdirs and config.train_enabled:
+    raise ValueError("dynamics: workdirs (existing runs) and train_enabled exclude "
+                     "each other")
+  if len(config.workdirs) > 1 or (config.train_enabled and len(seeds) > 1):
+    return _run_several(config, seeds)
+  if config.workdirs:
+    config.workdir = config.workdirs[0]
+  if config.train_enabled:
+    config.train.seed = seeds[0]
+  return _run_one(config)
+
+
+def _run_several(config: ml_collections.ConfigDict, seeds: list[int]) -> dict[str, Any]:
+  if config.train_enabled:
+    base = config.workdir or str(pathlib.Path(config.out_dir) / "run")
+    workdirs = [f"{base}_s{s}" for s in seeds]
+  else:
+    workdirs = list(config.workdirs)
+  if not config.out_dir:
+    raise ValueError("dynamics: several runs need out_dir")
+  out = pathlib.Path(config.out_dir)
+  runs = []
+  for i, wd in enumerate(workdirs):
+    c = config.copy_and_resolve_references()
+    c.workdirs, c.seeds, c.workdir = (), (), wd
+    c.out_dir = str(out / pathlib.Path(wd).name)
+    if config.train_enabled:
+      c.train.seed = seeds[i]
+    c.title = f"{config.title or pathlib.Path(wd).name}"
+    runs.append(_run_one(c))
+  return _aggregate_runs(runs, config, out)
+
+
+SCALARS = ("frac_weight_norms_increased", "frac_variances_increased",
+           "variance_cumprod_growth_per_layer_final", "variance_cumprod_fit_r2_final")
+
+
+def _aggregate_runs(runs: list[dict], config, out: pathlib.Path) -> dict[str, Any]:
+  rows = []
+  for r in runs:
+    flat = {k: r[k] for k in SCALARS}
+    flat["weight_product_ratio"] = r["weight_product"][1] / r["weight_product"][0]
+    flat["variance_cumprod_ratio"] = (r["variance_cumprod_last_layer"][1]
+                                      / r["variance_cumprod_last_layer"][0])
+    rows.append(flat)
+  keys = [*SCALARS, "weight_product_ratio", "variance_cumprod_ratio"]
+  overall = stats.aggregate([{**r, "all": 1} for r in rows], ["all"], keys)[0]
+  layers = stats.aggregate([row for r in runs for row in r["layers"]],
+                           ["quantity", "layer"], ["first", "last", "ratio"])
+  # bands over runs: a run that stopped early (diverged) is cut to the common steps
+  samples: dict[str, list] = {"weight norm product": [], "variance cumprod (all layers)": []}
+  xs: dict[str, np.ndarray] = {}
+  curves = [r["curves"] for r in runs]
+  for label, skey, vkey in (("weight norm product", "weight_steps", "weight_product"),
+                            ("variance cumprod (all layers)", "variance_steps",
+                             "variance_cumprod")):
+    n = min(len(cv[skey]) for cv in curves)
+    xs[label] = np.asarray(curves[0][skey][:n])
+    samples[label] = [np.asarray(cv[vkey][:n]) for cv in curves]
+  fig, ax = plots.figure(2)
+  for i, label in enumerate(samples):
+    plots.bands(ax[i], {label: xs[label]}, {label: samples[label]},
+                title=f"{config.title or 'runs'}: {label} ({len(runs)} runs)", xlabel="step",
+                ylabel=label)
+  plots.save(fig, out / "fig_seeds.png")
+  summary = {"workdirs": [r["workdir"] for r in runs], "runs": runs, "overall": overall,
+             "layers": layers, "files": ["fig_seeds.png", "dynamics.md"]}
+  (out / "dynamics.json").write_text(json.dumps(summary, indent=1))
+  lines = [f"# Training dynamics over {len(runs)} runs (mean ± std)", "",
+           *[f"- {r['workdir']}" for r in runs], "",
+           "| quantity | value |", "|---|---|",
+           *[f"| {k} | {stats.cell(overall, k)} |" for k in keys], "",
+           "| quantity | layer | first | last | last/first |", "|---|---|---|---|---|",
+           *[f"| {a['quantity']} | {a['layer']} | {stats.cell(a, 'first')} | "
+             f"{stats.cell(a, 'last')} | {stats.cell(a, 'ratio')} |" for a in layers]]
+  (out / "dynamics.md").write_text("\n".join(lines) + "\n")
+  return summary
+
+
+def _run_one(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if config.train_enabled:
     if not (config.workdir or config.out_dir):
       raise ValueError("dynamics: train_enabled needs workdir or out_dir")
@@ -155,6 +245,8 @@ def run_dynamics(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "variance_cumprod_growth_per_layer_final": final_fit.factor,
       "variance_cumprod_fit_r2_final": final_fit.r2,
       "layers": rows, "files": [f.name for f in files],
+      "curves": {"weight_steps": wsteps.tolist(), "weight_product": product.tolist(),
+                 "variance_steps": vsteps.tolist(), "variance_cumprod": cum[:, -1].tolist()},
   }
   (out / "dynamics.json").write_text(json.dumps(summary, indent=1))
   (out / "dynamics.md").write_text(dynamics_markdown(summary))

@@ -69,11 +69,40 @@ def color_for(name: str, names: Sequence[str]) -> Any:
   return plt.get_cmap("tab10")(list(names).index(name) % 10)
 
 
+def bands(ax, x: Mapping[str, np.ndarray], samples: Mapping[str, Sequence[np.ndarray]], *,
+          title: str, xlabel: str, ylabel: str, log: bool = True, markers: bool = False,
+          colors: Optional[Mapping[str, Any]] = None,
+          styles: Optional[Mapping[str, str]] = None) -> None:
+  """Per label: the mean over its samples (e.g. seeds; arrays on the shared x of that
+  label) as a line and mean ± std as a shaded band (no band for a single sample)."""
+  means = {}
+  for label, runs in samples.items():
+    arr = np.asarray([np.asarray(r, np.float64) for r in runs])
+    mean = np.nanmean(arr, axis=0)
+    means[label] = mean
+    if arr.shape[0] > 1:
+      std = np.nanstd(arr, axis=0, ddof=1)
+      lo = mean - std
+      if log:    # a log axis cannot show a band below zero: clip at a tenth of the mean
+        lo = np.maximum(lo, mean / 10)
+      kw = {"color": colors[label]} if colors and label in colors else {}
+      ax.fill_between(x[label], lo, mean + std, alpha=0.2, lw=0, **kw)
+  lines(ax, x, means, title=title, xlabel=xlabel, ylabel=ylabel, log=log, markers=markers,
+        colors=colors, styles=styles)
+
+
 def bars(ax, names: Sequence[str], values: Sequence[float], *, title: str, ylabel: str,
-         log: bool = False) -> None:
+         log: bool = False, errors: Optional[Sequence[float]] = None) -> None:
+  """One bar per name; `errors`: a symmetric error bar each (e.g. the std over seeds)."""
   v = np.asarray(values, np.float64)
   shown = np.where(np.isfinite(v), v, 0.0)
-  ax.bar(range(len(names)), shown, color="tab:blue")
+  err = None
+  if errors is not None:
+    err = np.asarray(errors, np.float64)
+    err = np.where(np.isfinite(err), err, 0.0)
+    if log:    # keep the lower whisker above zero on a log axis
+      err = np.vstack([np.minimum(err, 0.9 * np.abs(shown)), err])
+  ax.bar(range(len(names)), shown, color="tab:blue", yerr=err, capsize=3)
   for i, val in enumerate(v):
     if not np.isfinite(val):
       ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)

@@ -12,6 +12,9 @@ beta = 0, fed small-variance Gaussian inputs (std `input_scale`); BN running sta
 set to the batch statistics of those inputs. Every group amplifies, and the local input
 and parameter Lipschitz constants are measured against depth (log-linear fit), next to
 the unnormalized net with the same kernels (whose Lipschitz constant is <= c^L).
+
+`seeds` (for part A) trains the comparison once per seed (`compare.seeds`); the table
+then gives mean ± std over seeds of each normalizer's amplifying fraction and factors.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lipnorm.experiments import common, plots
+from lipnorm.experiments import common, plots, stats
 from lipnorm.experiments import compare as compare_lib
 from lipnorm.experiments.constructions import amplifying_variables
 from lipnorm.experiments.fit import fit_growth
@@ -38,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.out_dir = "runs/regime"
   c.compare_dir = ""              # an E3 output folder to reuse; empty: run `compare`
   c.compare = compare_lib.default_config()
+  c.seeds = ()                    # part A: () = compare.seeds as given; else overrides it
   c.construction = ml_collections.ConfigDict()
   c.construction.enabled = True
   c.construction.norms = ("batch", "layer")
@@ -86,6 +90,8 @@ def _trained_part(c, out: pathlib.Path) -> list[dict]:
   else:
     cc = c.compare.copy_and_resolve_references()
     cc.out_dir = str(out / "compare")
+    if c.seeds:
+      cc.seeds = c.seeds
     rows = compare_lib.run_compare(cc)["rows"]
   results = []
   fig, ax = plots.figure(2)
@@ -93,12 +99,12 @@ def _trained_part(c, out: pathlib.Path) -> list[dict]:
   for r in rows:
     if r["norm"] == "none":
       continue
-    # runs live in <compare out_dir>/runs/<norm>; resolve from compare_dir so a moved
+    # runs live in <compare out_dir>/runs/<name>; resolve from compare_dir so a moved
     # or relatively-invoked comparison still works
-    workdir = pathlib.Path(c.compare_dir) / "runs" / r["norm"] if c.compare_dir \
-        else pathlib.Path(r["workdir"])
+    workdir = pathlib.Path(c.compare_dir) / "runs" / pathlib.Path(r["workdir"]).name \
+        if c.compare_dir else pathlib.Path(r["workdir"])
     records = read_records(workdir)
-    entry = {"norm": r["norm"], "lip_x_max": r.get("lip_x_max"),
+    entry = {"norm": r["norm"], "seed": r.get("seed"), "lip_x_max": r.get("lip_x_max"),
              "lip_theta_max": r.get("lip_theta_max"), "bound": r.get("bound"),
              "test_accuracy": r.get("test_accuracy"), "diverged": r.get("diverged")}
     for mode in ("eval", "batch"):
@@ -116,7 +122,8 @@ def _trained_part(c, out: pathlib.Path) -> list[dict]:
                      "factor_min": float(np.nanmin(factor[-1])),
                      "factor_max": float(np.nanmax(factor[-1])),
                      "factor_product": float(np.nanprod(factor[-1]))}
-      label = f"{r['norm']} ({mode})"
+      label = f"{r['norm']} ({mode})" if r.get("seed") is None or len(
+          {x.get("seed") for x in rows}) == 1 else f"{r['norm']} s{r['seed']} ({mode})"
       per_layer[label] = frac[-1]
       xs_t[label], over_time[label] = steps, overall
     results.append(entry)
@@ -217,19 +224,24 @@ def regime_markdown(s: dict, c) -> str:
            "when sqrt(sigma2_j + eps) < |gamma_j|; LN/GN/IN/RMS (sample n, group g) when "
            "sqrt(sigma2_ng + eps) < max_{j in g} |gamma_j|.\n"]
   if "trained" in s:
-    rows = []
-    for e in s["trained"]:
-      for mode in ("eval", "batch"):
-        if mode in e:
-          m = e[mode]
-          rows.append([e["norm"], mode, m["amplifying_fraction_overall"],
-                       m["layers_with_any_amplifying"], len(m["factor_per_layer"]),
-                       m["factor_min"], m["factor_max"], m["factor_product"],
-                       e.get("lip_x_max"), e.get("test_accuracy")])
+    flat = [{"norm": e["norm"], "mode": mode, "seed": e.get("seed"),
+             "frac": e[mode]["amplifying_fraction_overall"],
+             "layers_any": e[mode]["layers_with_any_amplifying"],
+             "normalizers": len(e[mode]["factor_per_layer"]),
+             "fmin": e[mode]["factor_min"], "fmax": e[mode]["factor_max"],
+             "fprod": e[mode]["factor_product"], "lip": e.get("lip_x_max"),
+             "acc": e.get("test_accuracy")}
+            for e in s["trained"] for mode in ("eval", "batch") if mode in e]
+    keys = ("frac", "layers_any", "normalizers", "fmin", "fmax", "fprod", "lip", "acc")
+    agg = stats.aggregate(flat, ["norm", "mode"], keys)
+    seeds = sorted({f["seed"] for f in flat if f["seed"] is not None})
     parts += ["## Trained networks (last probe)\n",
+              (f"Mean ± std over seeds {seeds}.\n" if len(seeds) > 1 else ""),
               markdown_table(["norm", "BN mode", "amplifying fraction", "layers with any",
                               "normalizers", "factor min", "factor max", "factor product",
-                              "Lip_x max", "test acc"], rows)]
+                              "Lip_x max", "test acc"],
+                             [[a["norm"], a["mode"], *[stats.cell(a, k) for k in keys]]
+                              for a in agg])]
   if "construction" in s:
     cc = s["construction"]
     parts += [f"\n## Construction: ||W_l||_2 = {c.construction.weight_norm}, gamma = 1, "

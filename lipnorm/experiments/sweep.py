@@ -16,6 +16,10 @@ At initialization BN running statistics are still (0, 1), so eval mode would not
 normalize at all; for `bn_mode="eval"` they are first set to the batch statistics of
 the measurement batch (`batch_fixed` semantics), so the measured map is the one the
 network computes on that batch.
+
+With several `seeds` every setting is initialized (and trained) once per seed; the
+growth fits are made per seed and reported as mean ± std over seeds, the plots show the
+mean with a ± std band.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lipnorm.experiments import common, plots
+from lipnorm.experiments import common, plots, stats
 from lipnorm.experiments.constructions import scaled_permutation_variables
 from lipnorm.experiments.fit import fit_growth
 from lipnorm.experiments.report import markdown_table
@@ -50,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.bn_mode = "eval"          # BN regime of the measured function (see module docstring)
   c.train_steps = 0           # 0: at initialization only
   c.train = common.train_config()   # data, optimizer, ... of the short training
+  c.seeds = ()                # () = train.seed only; a count n or a list of seeds
   # C2: relu_nets with kernels a * P_l (permutations, width below, no bias) on positive
   # inputs, where Lip_x = a^L exactly; one depth series per scale a.
   c.permutation_scales = (1.5,)
@@ -77,21 +82,29 @@ def run_sweep(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if any(not 0 <= k <= c.k_depth - 1 for k in c.ks):
     raise ValueError(f"sweep: ks={tuple(c.ks)!r} must lie in [0, k_depth - 1 = "
                      f"{c.k_depth - 1}]")
+  seeds = stats.seed_list(c.seeds, c.train.seed)
   out = pathlib.Path(c.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   data = common.load_data(c.train, c.num_examples)
-  measured: dict[tuple, list[dict]] = {}
-  points = []
-  for series, depth, norm, k in _settings(c):
-    key = (depth, norm, k)
-    if key not in measured:
-      measured[key] = _measure_setting(c, data, depth, norm, k, out)
-    for m in measured[key]:
-      points.append({"series": series, "depth": depth, "norm": norm, "k": k, **m})
-  fits = _fits(points)
+  points, fits_per_seed = [], []
+  for seed in seeds:
+    measured: dict[tuple, list[dict]] = {}
+    seed_points = []
+    for series, depth, norm, k in _settings(c):
+      key = (depth, norm, k)
+      if key not in measured:
+        measured[key] = _measure_setting(c, data, depth, norm, k, out, seed,
+                                         suffix=f"_s{seed}" if len(seeds) > 1 else "")
+      for m in measured[key]:
+        seed_points.append({"series": series, "depth": depth, "norm": norm, "k": k,
+                            "seed": seed, **m})
+    points += seed_points
+    fits_per_seed += [{**f, "seed": seed} for f in _fits(seed_points)]
+  fits = stats.aggregate(fits_per_seed, ["series", "stage", "norm", "metric"],
+                         ["factor", "r2", "n"])
   exact = _permutation_series(c)
-  summary = {"norm": c.norm, "bn_mode": c.bn_mode, "points": points, "fits": fits,
-             "permutation": exact,
+  summary = {"norm": c.norm, "bn_mode": c.bn_mode, "seeds": seeds, "points": points,
+             "fits": fits, "fits_per_seed": fits_per_seed, "permutation": exact,
              "files": ["sweep_depth.png", "sweep_k.png", "sweep.md"]}
   _plot(points, c, out)
   (out / "sweep.json").write_text(json.dumps(summary, indent=1))
@@ -99,13 +112,13 @@ def run_sweep(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return summary
 
 
-def _measure_setting(c, data, depth: int, norm: str, k: int, out: pathlib.Path
-                     ) -> list[dict]:
+def _measure_setting(c, data, depth: int, norm: str, k: int, out: pathlib.Path,
+                     seed: int, suffix: str = "") -> list[dict]:
   model_kwargs = {**c.model.to_dict(), "depth": depth, "norm": norm, "norm_layers": k}
   if norm != "none" and c.norm_options:
     model_kwargs["norm_options"] = c.norm_options.to_dict()
   model = common.build_model(c.model_name, data.num_classes, model_kwargs)
-  variables = common.init_variables(model, data.images, seed=c.train.seed)
+  variables = common.init_variables(model, data.images, seed=seed)
   if c.bn_mode == "eval":   # running stats (0, 1) at init: use the batch's statistics
     variables = common.fix_batch_stats(model, variables, data.images)
   results = [{"stage": "init", **common.measure(model, variables, data.images,
@@ -113,7 +126,8 @@ def _measure_setting(c, data, depth: int, norm: str, k: int, out: pathlib.Path
   if c.train_steps > 0:
     tcfg = common.with_model(c.train, c.model_name, model_kwargs)
     tcfg.num_train_steps = int(c.train_steps)
-    run = common.train_and_load(tcfg, out / "runs" / f"L{depth}_{norm}_k{k}")
+    tcfg.seed = seed
+    run = common.train_and_load(tcfg, out / "runs" / f"L{depth}_{norm}_k{k}{suffix}")
     results.append({"stage": "trained", "diverged": run.diverged,
                     **common.measure(run.model, run.variables, data.images,
                                      bn_mode=c.bn_mode, param=False)})
@@ -166,37 +180,46 @@ def _fits(points) -> list[dict]:
 
 
 def _plot(points, c, out: pathlib.Path) -> None:
+  """Mean over seeds (line) with a ± std band (several seeds)."""
   stages = [s for s in ("init", "trained") if any(p["stage"] == s for p in points)]
+  seeds = sorted({p.get("seed", 0) for p in points})
   for series, xkey, xlabel in (("depth", "depth", "depth L"),
                                ("k", "k", f"normalizers k (depth {c.k_depth})")):
     fig, ax = plots.figure(len(stages))
     for i, stage in enumerate(stages):
-      ys, xs, styles, colors = {}, {}, {}, {}
+      samples, xs, colors = {}, {}, {}
       norms = sorted({p["norm"] for p in _select(points, series, stage)})
       groups = [(n, _select(points, series, stage, n)) for n in norms] if series == "depth" \
           else [(c.norm, _select(points, series, stage))]
       for norm, pts in groups:
-        pts = sorted(pts, key=lambda p: p[xkey])
-        for metric, style in (("lip_x_max", "-"), ("bound", "--")):
+        for metric in ("lip_x_max", "bound"):
           label = f"{norm}: {'local max' if metric == 'lip_x_max' else 'bound'}"
-          xs[label] = [p[xkey] for p in pts]
-          ys[label] = np.array([p.get(metric, np.nan) for p in pts], np.float64)
-          styles[label] = style
+          runs = []
+          for seed in seeds:
+            sp = sorted((p for p in pts if p.get("seed", 0) == seed), key=lambda p: p[xkey])
+            xs[label] = [p[xkey] for p in sp]
+            runs.append(np.array([p.get(metric, np.nan) for p in sp], np.float64))
+          samples[label] = runs
           colors[label] = plots.color_for(norm, ("none", c.norm))
-      plots.lines(ax[i], xs, ys, title=f"Lip_x vs {series} ({stage})", xlabel=xlabel,
-                  ylabel="Lipschitz constant", markers=True, styles=styles, colors=colors)
+      plots.bands(ax[i], xs, samples, title=f"Lip_x vs {series} ({stage})", xlabel=xlabel,
+                  ylabel="Lipschitz constant", markers=True, colors=colors,
+                  styles={label: "--" if label.endswith("bound") else "-"
+                          for label in samples})
     plots.save(fig, out / f"sweep_{series}.png")
 
 
 def sweep_markdown(s: dict) -> str:
-  rows = [[p["series"], p["depth"], p["norm"], p["k"], p["stage"], p.get("lip_x_max"),
-           p.get("lip_x_mean"), p.get("bound"), p.get("product_bound"),
-           p.get("norm_factor_product")] for p in s["points"]]
-  fit_rows = [[f["series"], f["stage"], f["norm"], f["metric"], f["factor"], f["r2"], f["n"]]
-              for f in s["fits"]]
+  seeds = s.get("seeds", [0])
+  keys = ("lip_x_max", "lip_x_mean", "bound", "product_bound", "norm_factor_product")
+  agg = stats.aggregate(s["points"], ["series", "depth", "norm", "k", "stage"], keys)
+  rows = [[a["series"], a["depth"], a["norm"], a["k"], a["stage"],
+           *[stats.cell(a, k) for k in keys]] for a in agg]
+  fit_rows = [[f["series"], f["stage"], f["norm"], f["metric"], stats.cell(f, "factor"),
+               stats.cell(f, "r2"), f["n"]] for f in s["fits"]]
+  over = f" (mean ± std over seeds {seeds}: one fit per seed)" if len(seeds) > 1 else ""
   return (f"# E1 sweep: normalizer `{s['norm']}`, BN mode `{s['bn_mode']}`\n\n"
           "Growth factor per layer (depth series) or per normalizer (k series) from a "
-          "log-linear least-squares fit:\n\n"
+          f"log-linear least-squares fit{over}:\n\n"
           + markdown_table(["series", "stage", "norm", "metric", "factor", "R^2", "points"],
                            fit_rows)
           + "\n## Exact construction (C2): kernels a * P_l, positive inputs, Lip_x = a^L\n\n"

@@ -1,0 +1,228 @@
+"""The prepared accelerator campaign: ResNet-18 (BN) then EfficientNet-B3 (BN) on CIFAR-10
+in bfloat16 with probes on, inside one wall-clock budget (default 9 minutes).
+
+  PYTHONPATH=$PWD python bench/gpu_campaign.py --data_dir /path/with/cifar10 \
+      --out runs/gpu_campaign                     # ~9 minutes on one GPU
+  PYTHONPATH=$PWD python bench/gpu_campaign.py --tiny --out /tmp/gpu_campaign_tiny
+                                                  # CPU smoke test: digits, tiny widths
+
+ResNet-18 trains until `--resnet_share` of the budget has passed, EfficientNet-B3 until
+`--reserve_s` before its end (the rest writes figures): each run is stopped by a timer
+that sends this process SIGTERM, which the training loop turns into "checkpoint and
+stop at the next step" (status "preempted"); a run whose schedule ends first simply
+completes. The cosine schedule spans `--resnet_epochs` / `--effnet_epochs` (set them to
+what the budget allows on the machine at hand; the run stops at the budget either way).
+
+Writes, under --out: <model>/run (the training workdir), <model>/dynamics (the seed's
+Figures 1-3: per-layer weight norms and input variances over training and their
+cumulative products, via `python -m lipnorm.experiments dynamics`), campaign.json and
+campaign.md with steps, epochs, status, test accuracy, step time and MFU.
+
+Step time: the median over the training log windows of 1/steps_per_sec (windows with
+probes or evaluation are slower; the mean over the run is also given). MFU: model FLOPs
+per step (3 x the forward pass's XLA cost analysis at the training batch: forward plus
+backward) x steps per second / the device's dense peak (`PEAK_TFLOPS` by device kind,
+or --peak_tflops); n/a where no peak is known (e.g. CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import signal
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lipnorm.experiments import common, presets  # noqa: E402
+from lipnorm.experiments.dynamics import default_config as dynamics_config  # noqa: E402
+from lipnorm.experiments.dynamics import run_dynamics  # noqa: E402
+from lipnorm.experiments.records import read_records, series  # noqa: E402
+from lipnorm.experiments.report import fmt, markdown_table  # noqa: E402
+from lipnorm.probes import strip_axis_name  # noqa: E402
+from lipnorm.training import build_model as build_training_model  # noqa: E402
+from lipnorm.training import train  # noqa: E402
+
+# Dense bf16 peak FLOP/s per chip (vendor spec sheets, without sparsity), by a substring
+# of jax's device_kind.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0,
+               "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
+               "TPU v6": 918.0}
+
+MODELS = (("resnet18", "resnet18_cifar10"), ("efficientnet_b3", "efficientnet_b3_cifar10"))
+
+
+def campaign_config(config_name: str, epochs: float, *, tiny: bool,
+                    data_dir: str | None) -> "ml_collections.ConfigDict":  # noqa: F821
+  """The training config of one campaign run: `presets.gpu` (probes on) in bfloat16 with
+  evaluation about once an epoch; `tiny`: digits, narrow nets, a few steps."""
+  c = presets.gpu(config_name, epochs, "batch")
+  c.dtype = "bfloat16"
+  if tiny:
+    c.data.source = "digits"
+    c.data.batch_size, c.data.eval_batch_size = 32, 64
+    c.data.augment = False
+    if c.model.name == "resnet18":
+      c.model.width = 4
+    else:
+      with c.model.ignore_type():
+        c.model.width_coefficient, c.model.depth_coefficient = 0.1, 0.3
+        c.model.top_filters = 32
+    c.schedule.warmup_steps = 0
+    c.num_train_steps = int(epochs)          # tiny: "epochs" counts steps
+    c.log_every_steps, c.eval_every_steps = 2, int(epochs)
+    c.checkpoint_every_steps = int(epochs)
+    # layer statistics with Frobenius weight norms only: exact conv operator norms and
+    # the Lipschitz hook cost minutes of CPU compiles (they run on the accelerator)
+    c.probes.every_steps, c.probes.spectral_every_steps = 2, 0
+    c.probes.lipschitz = False
+    c.probes.bn_modes = ("eval",)
+    c.probes.batch_size = 32
+  else:
+    if data_dir:
+      c.data.data_dir = data_dir
+    c.eval_every_steps = 390                 # about one CIFAR-10 epoch at batch 128
+    c.log_every_steps = 50
+  return c
+
+
+@contextlib.contextmanager
+def stop_after(seconds: float):
+  """Sends this process SIGTERM after `seconds` (the training loop checkpoints and stops
+  at the next step). Outside the loop's own handler, the timer's SIGTERM is ignored (one
+  firing just after training ends must not kill the campaign) while any other SIGTERM
+  still ends the process."""
+  fired = threading.Event()
+
+  def on_sigterm(signum, frame):
+    if not fired.is_set():
+      raise SystemExit(128 + signum)
+
+  def fire():
+    fired.set()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  previous = signal.signal(signal.SIGTERM, on_sigterm)
+  timer = threading.Timer(max(seconds, 0.0), fire)
+  timer.daemon = True
+  timer.start()
+  try:
+    yield
+  finally:
+    timer.cancel()
+    signal.signal(signal.SIGTERM, previous)
+
+
+def flops_per_step(config, num_classes: int, image_shape: tuple) -> float:
+  """3 x the XLA-counted FLOPs of one forward pass on a training batch (forward +
+  backward ~ 3 forwards); NaN if the backend gives no cost analysis."""
+  model = strip_axis_name(build_training_model(config, num_classes))
+  x = jnp.zeros((config.data.batch_size, *image_shape), jnp.float32)
+  variables = common.init_variables(model, x, seed=0)
+  compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  flops = (cost or {}).get("flops")
+  return 3.0 * float(flops) if flops else float("nan")
+
+
+def device_peak(peak_tflops: float | None) -> tuple[str, float]:
+  kind = jax.devices()[0].device_kind
+  if peak_tflops:
+    return kind, peak_tflops * 1e12
+  for key, tf in PEAK_TFLOPS.items():
+    if key.lower() in kind.lower():
+      return kind, tf * 1e12
+  return kind, float("nan")
+
+
+def run_model(name: str, config, workdir: pathlib.Path, seconds: float) -> dict:
+  t0 = time.time()
+  with stop_after(seconds):
+    summary = train(config, str(workdir), interactive=False)
+  wall = time.time() - t0
+  records = read_records(workdir)
+  try:
+    _, rates = series(records, "train", "steps_per_sec")
+    rates = rates[np.isfinite(rates) & (rates > 0)]
+  except ValueError:
+    rates = np.zeros(0)
+  return {"model": name, "status": summary.get("status"), "steps": summary.get("step"),
+          "wall_s": wall, "final": summary.get("final"),
+          "steps_per_sec_mean": summary.get("steps_per_sec"),
+          "step_time_median_s": float(np.median(1.0 / rates)) if rates.size else None,
+          "workdir": str(workdir)}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default="runs/gpu_campaign")
+  p.add_argument("--data_dir", default=None, help="folder with cifar10/ (else "
+                 "$LIPNORM_DATA_DIR / the data pipeline's default)")
+  p.add_argument("--budget_s", type=float, default=540.0, help="the whole campaign")
+  p.add_argument("--resnet_share", type=float, default=0.5,
+                 help="fraction of the budget for ResNet-18")
+  p.add_argument("--reserve_s", type=float, default=60.0,
+                 help="kept at the end for the figures")
+  p.add_argument("--resnet_epochs", type=float, default=15.0, help="schedule length")
+  p.add_argument("--effnet_epochs", type=float, default=8.0, help="schedule length")
+  p.add_argument("--peak_tflops", type=float, default=None, help="device peak override")
+  p.add_argument("--tiny", action="store_true", help="CPU smoke test: digits, tiny nets, "
+                 "--resnet_epochs / --effnet_epochs count steps")
+  args = p.parse_args(argv)
+  if not 0 < args.resnet_share < 1 or args.budget_s <= args.reserve_s:
+    p.error(f"--resnet_share={args.resnet_share} must be in (0, 1) and --budget_s="
+            f"{args.budget_s} above --reserve_s={args.reserve_s}")
+  start = time.time()
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  kind, peak = device_peak(args.peak_tflops)
+  deadlines = (start + args.resnet_share * args.budget_s,
+               start + args.budget_s - args.reserve_s)
+  results = []
+  for (name, config_name), deadline, epochs in zip(
+      MODELS, deadlines, (args.resnet_epochs, args.effnet_epochs)):
+    cfg = campaign_config(config_name, epochs, tiny=args.tiny, data_dir=args.data_dir)
+    data = common.load_data(cfg, 1)
+    fps = flops_per_step(cfg, data.num_classes, tuple(data.images.shape[1:]))
+    r = run_model(name, cfg, out / name / "run", deadline - time.time())
+    steps_per_epoch = data.ds.info.num_train // cfg.data.batch_size
+    r["epochs"] = (r["steps"] or 0) / max(steps_per_epoch, 1)
+    r["flops_per_step"] = fps
+    step_t = r["step_time_median_s"]
+    r["mfu"] = fps / step_t / peak if step_t and np.isfinite(peak) else None
+    dcfg = dynamics_config()
+    dcfg.workdir, dcfg.out_dir = r["workdir"], str(out / name / "dynamics")
+    dcfg.title = f"{name} BN bf16"
+    r["dynamics"] = run_dynamics(dcfg)
+    r["dynamics"].pop("curves", None)
+    results.append(r)
+  summary = {"device": kind, "peak_flops": peak, "budget_s": args.budget_s,
+             "wall_s": time.time() - start, "tiny": args.tiny, "runs": results}
+  (out / "campaign.json").write_text(json.dumps(summary, indent=1, default=str))
+  rows = [[r["model"], r["status"], r["steps"], r["epochs"],
+           (r["final"] or {}).get("eval_accuracy"), r["step_time_median_s"],
+           r["steps_per_sec_mean"], r["flops_per_step"], r["mfu"], r["wall_s"]]
+          for r in results]
+  (out / "campaign.md").write_text(
+      f"# Accelerator campaign on {kind} ({fmt(summary['wall_s'])} s of a "
+      f"{fmt(args.budget_s)} s budget)\n\n"
+      + markdown_table(["model", "status", "steps", "epochs", "test acc",
+                        "step time (median, s)", "steps/s (mean)", "FLOPs/step", "MFU",
+                        "wall (s)"], rows)
+      + "\nFigures 1-3 of each model: `<model>/dynamics/fig{1,2,3}_*.png`.\n")
+  print((out / "campaign.md").read_text())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
