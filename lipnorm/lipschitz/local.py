@@ -264,8 +264,11 @@ def _leaf_grams(model, apply_one, variables, flat_params, xs, x, i, dense_paths)
     acts = {}
 
     def perturb(next_fun, args, kwargs, context):
+      # Only bound Dense calls have a path (other intercepted calls may be unbound).
+      if context.method_name != "__call__" or not isinstance(context.module, nn.Dense):
+        return next_fun(*args, **kwargs)
       path = tuple(context.module.path)
-      if context.method_name != "__call__" or path not in dense:
+      if path not in dense:
         return next_fun(*args, **kwargs)
       acts[path] = args[0]
       return next_fun(*args, **kwargs) + deltas[path]
