@@ -28,6 +28,7 @@ from lipnorm.models import structure as st
 from lipnorm.models.activations import get_activation
 from lipnorm.models.common import (ConvNormContext, ConvSpec, NormLayers, conv_norm,
                                    conv_norm_structure, norm_epsilon, normalized_slots)
+from lipnorm.models.conv import check_conv_impl
 from lipnorm.normalizers import get_normalizer
 
 DOWNSAMPLES = ("avg_pool", "strided_conv")
@@ -61,6 +62,11 @@ class CNN(nn.Module):
   use_bias: bool = True
   kernel_init: Any = nn.initializers.he_normal()
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # "auto" | "xla" | "matmul": see lipnorm.models.conv
+
+  def __post_init__(self):
+    check_conv_impl(self.conv_impl)  # fail at construction, not at the first trace
+    super().__post_init__()
 
   def _layout(self) -> list[tuple[bool, ConvSpec]]:
     """(avg-pool before it?, spec) for every conv, in forward order."""
@@ -97,7 +103,8 @@ class CNN(nn.Module):
     use_batch = train if use_batch_stats is None else use_batch_stats
     ctx = ConvNormContext(self._normalized(layout),
                           get_normalizer(self.norm, **(self.norm_options or {})),
-                          not use_batch, self.use_bias, self.kernel_init, self.dtype)
+                          not use_batch, self.use_bias, self.kernel_init, self.dtype,
+                          conv_impl=self.conv_impl)
     act, _ = get_activation(self.activation)
     h = x.astype(self.dtype)
     for pool, spec in layout:

@@ -42,6 +42,7 @@ from lipnorm.models import structure as st
 from lipnorm.models.activations import get_activation
 from lipnorm.models.common import (ConvNormContext, ConvSpec, NormLayers, conv_norm,
                                    conv_norm_structure, norm_epsilon, normalized_slots)
+from lipnorm.models.conv import check_conv_impl
 from lipnorm.normalizers import get_normalizer
 
 # (repeats, kernel, stride, expand ratio, input filters, output filters) of B0.
@@ -167,6 +168,11 @@ class EfficientNet(nn.Module):
   use_bias: bool = True
   kernel_init: Any = nn.initializers.he_normal()
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # "auto" | "xla" | "matmul": see lipnorm.models.conv
+
+  def __post_init__(self):
+    check_conv_impl(self.conv_impl)  # fail at construction, not at the first trace
+    super().__post_init__()
 
   def _plan(self):
     """(stem spec, [(name, conv specs, se width, residual?, drop rate)], top spec,
@@ -231,7 +237,8 @@ class EfficientNet(nn.Module):
     ctx = ConvNormContext(
         normalized_slots(self.norm, self.norm_layers, num_slots, self.norm_options),
         get_normalizer(self.norm, **(self.norm_options or {})),
-        not use_batch, self.use_bias, self.kernel_init, self.dtype)
+        not use_batch, self.use_bias, self.kernel_init, self.dtype,
+        conv_impl=self.conv_impl)
     act, _ = get_activation(self.activation)
     h = act(conv_norm(stem, x.astype(self.dtype), ctx))
     for name, convs, se_reduced, residual, drop_rate in blocks:

@@ -29,6 +29,7 @@ from lipnorm.models import structure as st
 from lipnorm.models.activations import get_activation
 from lipnorm.models.common import (ConvNormContext, ConvSpec, NormLayers, conv_norm,
                                    conv_norm_structure, norm_epsilon, normalized_slots)
+from lipnorm.models.conv import check_conv_impl
 from lipnorm.normalizers import get_normalizer
 
 BLOCKS = ("basic", "bottleneck")
@@ -90,6 +91,11 @@ class ResNet(nn.Module):
   use_bias: bool = True
   kernel_init: Any = nn.initializers.he_normal()
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # "auto" | "xla" | "matmul": see lipnorm.models.conv
+
+  def __post_init__(self):
+    check_conv_impl(self.conv_impl)  # fail at construction, not at the first trace
+    super().__post_init__()
 
   def _plan(self):
     """(stem spec, [(block name, shortcut specs, branch specs)], number of slots)."""
@@ -143,7 +149,8 @@ class ResNet(nn.Module):
     ctx = ConvNormContext(
         normalized_slots(self.norm, self.norm_layers, num_slots, self.norm_options),
         get_normalizer(self.norm, **(self.norm_options or {})),
-        not use_batch, self.use_bias, self.kernel_init, self.dtype)
+        not use_batch, self.use_bias, self.kernel_init, self.dtype,
+        conv_impl=self.conv_impl)
     act, _ = get_activation(self.activation)
     h = act(conv_norm(stem, x.astype(self.dtype), ctx))
     if self.stem == "imagenet":
