@@ -114,10 +114,11 @@ def time_setting(model_name: str, k: int, steps: int):
 
 
 def fed_breakdown(config, p_train, state, steps: int) -> None:
-  """Prints ms per batch of: the CIFAR-10 iterator alone (no prefetch thread), its
-  host->device copy, and the step fed by the prefetching iterator as train.py's loop
-  feeds it (next batch copied while the step runs); what the step alone costs is the
-  table's row."""
+  """Prints ms per batch of: the CIFAR-10 iterator alone (synchronous), its host->device
+  copy, the step alone on one device batch, and the step fed as train.py's loop feeds it
+  (next batch copied while the step runs) by the prefetching (thread) and by the
+  synchronous iterator. The step-alone and fed timings alternate, so the machine's
+  load drifts through all of them alike."""
   import jax
   from lipnorm.data import get_dataset
   from lipnorm.training import distributed
@@ -135,17 +136,26 @@ def fed_breakdown(config, p_train, state, steps: int) -> None:
   for b in host:
     jax.block_until_ready(distributed.shard_batch(b, devices))
   copy_ms = (time.perf_counter() - t) / n * 1e3
-  with ds.train_iterator() as it:
-    nxt = distributed.shard_batch(next(it), devices)
-    t = time.perf_counter()
-    for _ in range(n):
-      state, m = p_train(state, nxt)
-      nxt = distributed.shard_batch(next(it), devices)
-    jax.block_until_ready(m)
-    fed_ms = (time.perf_counter() - t) / n * 1e3
+  fixed = distributed.shard_batch(host[0], devices)
+  ms = {"alone": [], "prefetch 2": [], "prefetch 0": []}
+  for _ in range(2):
+    for mode in ms:
+      it = None if mode == "alone" else ds.train_iterator(prefetch=int(mode[-1]))
+      nxt = fixed if it is None else distributed.shard_batch(next(it), devices)
+      t = time.perf_counter()
+      for _ in range(n):
+        state, m = p_train(state, nxt)
+        if it is not None:
+          nxt = distributed.shard_batch(next(it), devices)
+      jax.block_until_ready(m)
+      ms[mode].append((time.perf_counter() - t) / n * 1e3)
+      if it is not None:
+        it.close()
+  alone, pre, sync = (min(v) for v in ms.values())
   print(f"  data (cifar10, batch {_BATCH.value}, augment {ds.augment}): iterator alone "
-        f"{pipe_ms:.2f} ms/batch, host->device copy {copy_ms:.2f} ms, step fed by the "
-        f"prefetching iterator {fed_ms:.2f} ms")
+        f"{pipe_ms:.2f} ms/batch, host->device copy {copy_ms:.2f} ms; step alone "
+        f"{alone:.2f} ms, fed by the prefetching iterator {pre:.2f} ms, by the "
+        f"synchronous one {sync:.2f} ms (best of 2 alternating runs of {n} steps)")
 
 
 def main(argv):
