@@ -110,12 +110,14 @@ def test_forward_mode_transpose_and_hvp_match_lax(name):
                                atol=1e-12)
 
 
-def test_auto_picks_matmul_on_cpu_and_xla_elsewhere(monkeypatch):
+def test_auto_picks_matmul_for_grouped_convs_on_cpu_and_xla_elsewhere(monkeypatch):
   assert jax.default_backend() == "cpu"
-  assert resolve_conv_impl("auto") == "matmul"
-  assert resolve_conv_impl("xla") == "xla"
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert resolve_conv_impl("auto", feature_group_count=8) == "matmul"
   assert resolve_conv_impl("auto") == "xla"
+  assert resolve_conv_impl("xla", feature_group_count=8) == "xla"
+  assert resolve_conv_impl("matmul") == "matmul"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert resolve_conv_impl("auto", feature_group_count=8) == "xla"
   assert resolve_conv_impl("matmul") == "matmul"
 
 
