@@ -24,19 +24,17 @@ and the output is `sum_ij x_ij @ k[i, j]` (per group). The implementations:
             EfficientNet-B0 train step ~17x slower than the matmul form, while for
             ordinary convs (ResNet-18, the CNN) the matmul form was 0-30% slower.
 
-`Conv` has the same fields as `nn.Conv` for what the model zoo uses and the same
-parameter tree (`kernel` `[kh, kw, C/groups, F]`, `bias` `[F]`), so checkpoints move
+`Conv` is `nn.Conv` plus the `conv_impl` field, with the same parameter tree (`kernel` `[kh, kw, C/groups, F]`, `bias` `[F]`), so checkpoints move
 freely between implementations.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.linen.dtypes import promote_dtype
-from flax.linen.linear import canonicalize_padding, default_kernel_init
+from flax.linen.linear import canonicalize_padding
 from jax import lax
 
 CONV_IMPLS = ("auto", "xla", "matmul")
@@ -139,35 +137,37 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
   return _matmul_conv(x, kernel, strides, pads, int(feature_group_count), precision)
 
 
-class Conv(nn.Module):
-  """`nn.Conv` for NHWC images with a `conv_impl` switch ("auto", "xla", "matmul").
+class Conv(nn.Conv):
+  """`nn.Conv` (a subclass: same fields, same `isinstance`) with a `conv_impl` switch
+  ("auto", "xla", "matmul") for NHWC images.
 
-  Parameters `kernel` `[kh, kw, C/feature_group_count, features]` and `bias`
+  When the switch resolves to "xla" this is `nn.Conv.__call__` itself; otherwise the
+  parameters `kernel` `[kh, kw, C/feature_group_count, features]` and `bias`
   `[features]` are created exactly as `nn.Conv` creates them (same names, shapes,
-  initializers and RNG streams), so the two modules' variables are interchangeable.
+  initializers and RNG use), so variables are interchangeable between the settings.
+  The matmul form supports what the zoo uses: no input/kernel dilation, no mask,
+  shared weights.
   """
-  features: int
-  kernel_size: Sequence[int]
-  strides: Union[int, Sequence[int]] = 1
-  padding: Padding = "SAME"
-  feature_group_count: int = 1
-  use_bias: bool = True
-  dtype: Optional[Any] = None
-  param_dtype: Any = jnp.float32
-  precision: Any = None
-  kernel_init: Any = default_kernel_init
-  bias_init: Any = nn.initializers.zeros_init()
   conv_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: `[N, H, W, C]` -> `[N, Ho, Wo, features]`."""
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """inputs: `[N, H, W, C]` -> `[N, Ho, Wo, features]`."""
     check_conv_impl(self.conv_impl)
+    if resolve_conv_impl(self.conv_impl, self.feature_group_count) == "xla":
+      return super().__call__(inputs)
+    x = inputs
     if x.ndim != 4:
       raise ValueError(f"Conv expects NHWC input [N, H, W, C]; got shape {x.shape}")
-    kernel_size = tuple(self.kernel_size)
+    if (self.mask is not None or not self.shared_weights
+        or self.input_dilation not in (None, 1, (1, 1))
+        or self.kernel_dilation not in (None, 1, (1, 1))):
+      raise ValueError("conv_impl='matmul' supports no dilation, mask or unshared weights; "
+                       "use conv_impl='xla'")
+    kernel_size = ((self.kernel_size,) * 2 if isinstance(self.kernel_size, int)
+                   else tuple(self.kernel_size))
     strides = ((self.strides,) * 2 if isinstance(self.strides, int)
-               else tuple(self.strides))
+               else tuple(self.strides or (1, 1)))
     c = x.shape[-1]
     if c % self.feature_group_count:
       raise ValueError(f"Conv: {c} input channels not divisible by "
@@ -177,9 +177,9 @@ class Conv(nn.Module):
                         self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv2d(x, kernel, strides, self.padding, self.feature_group_count,
-               self.conv_impl, self.precision)
+    x, kernel, bias = self.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = conv2d(x, kernel, strides, self.padding, self.feature_group_count, "matmul",
+               self.precision)
     if bias is not None:
       y = y + bias
     return y
