@@ -141,12 +141,11 @@ class Conv(nn.Conv):
   """`nn.Conv` (a subclass: same fields, same `isinstance`) with a `conv_impl` switch
   ("auto", "xla", "matmul") for NHWC images.
 
-  When the switch resolves to "xla" this is `nn.Conv.__call__` itself; otherwise the
-  parameters `kernel` `[kh, kw, C/feature_group_count, features]` and `bias`
+  The parameters `kernel` `[kh, kw, C/feature_group_count, features]` and `bias`
   `[features]` are created exactly as `nn.Conv` creates them (same names, shapes,
-  initializers and RNG use), so variables are interchangeable between the settings.
-  The matmul form supports what the zoo uses: no input/kernel dilation, no mask,
-  shared weights.
+  initializers and RNG use), so variables are interchangeable with `nn.Conv` and between
+  the settings; "xla" makes the same `lax.conv_general_dilated` call. Supports what the
+  zoo uses: no input/kernel dilation, no mask, shared weights.
   """
   conv_impl: str = "auto"
 
@@ -154,16 +153,14 @@ class Conv(nn.Conv):
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """inputs: `[N, H, W, C]` -> `[N, Ho, Wo, features]`."""
     check_conv_impl(self.conv_impl)
-    if resolve_conv_impl(self.conv_impl, self.feature_group_count) == "xla":
-      return super().__call__(inputs)
     x = inputs
     if x.ndim != 4:
       raise ValueError(f"Conv expects NHWC input [N, H, W, C]; got shape {x.shape}")
     if (self.mask is not None or not self.shared_weights
         or self.input_dilation not in (None, 1, (1, 1))
         or self.kernel_dilation not in (None, 1, (1, 1))):
-      raise ValueError("conv_impl='matmul' supports no dilation, mask or unshared weights; "
-                       "use conv_impl='xla'")
+      raise ValueError("lipnorm.models.conv.Conv supports no dilation, mask or unshared "
+                       "weights; use flax.linen.Conv")
     kernel_size = ((self.kernel_size,) * 2 if isinstance(self.kernel_size, int)
                    else tuple(self.kernel_size))
     strides = ((self.strides,) * 2 if isinstance(self.strides, int)
@@ -178,7 +175,7 @@ class Conv(nn.Conv):
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     x, kernel, bias = self.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv2d(x, kernel, strides, self.padding, self.feature_group_count, "matmul",
+    y = conv2d(x, kernel, strides, self.padding, self.feature_group_count, self.conv_impl,
                self.precision)
     if bias is not None:
       y = y + bias
