@@ -3,6 +3,8 @@ the machine's measured matmul peak, for relu_net-10 and ResNet-18 on CIFAR-shape
 
   python bench/train_throughput.py                       # defaults below
   python bench/train_throughput.py --models=relu_net --devices=1 --batch=256 --steps=50
+  python bench/train_throughput.py --models=relu_net --devices=1 --norm=none --steps=100 \
+      --data_dir=/path/to/cifar10        # + where train.py's time goes (see --data_dir)
 
 Uses lipnorm.training's own pmapped train step (SGD + momentum, BN where the model has
 it) on synthetic data. Without an accelerator, 4 CPU devices are simulated
@@ -30,6 +32,11 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
 _STEPS = flags.DEFINE_integer("steps", 0, "Timed steps per setting (0: 20 on "
                               "accelerators, 3 on CPU, where a ResNet-18 step takes seconds).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after the compiling one.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Folder holding cifar-10-binary.tar.gz: also time, per model, the "
+    "CIFAR-10 training iterator alone (crop+flip, standardize), its host->device copy, "
+    "and the step fed by both as train.py feeds it (one device).")
+_CONV_IMPL = flags.DEFINE_string("conv_impl", "auto", "conv_impl of the conv models.")
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 0, "Matmul size for the peak (0: 2048 on "
                                  "CPU, 8192 on accelerators).")
 
@@ -73,6 +80,8 @@ def time_setting(model_name: str, k: int, steps: int):
   config.model.name, config.model.norm = model_name, _NORM.value
   if model_name == "relu_net":
     config.model.depth, config.model.width = _DEPTH.value, _WIDTH.value
+  elif model_name != "relu_net" and model_name != "mlp":
+    config.model.conv_impl = _CONV_IMPL.value
   config.dtype = _DTYPE.value
   config.schedule.name = "constant"
   devices = jax.local_devices()[:k]
@@ -97,7 +106,54 @@ def time_setting(model_name: str, k: int, steps: int):
     state, m = p_train(state, batch)
   jax.block_until_ready(m)
   step_s = (time.perf_counter() - t) / steps
+  if _DATA_DIR.value and k == 1:
+    fed_breakdown(config, p_train, state, steps)
   return step_s, compile_s, flops
+
+
+def fed_breakdown(config, p_train, state, steps: int) -> None:
+  """Prints ms per batch of: the CIFAR-10 iterator alone (synchronous), its host->device
+  copy, the step alone on one device batch, and the step fed as train.py's loop feeds it
+  (next batch copied while the step runs) by the prefetching (thread) and by the
+  synchronous iterator. The step-alone and fed timings alternate, so the machine's
+  load drifts through all of them alike."""
+  import jax
+  from lipnorm.data import get_dataset
+  from lipnorm.training import distributed
+  config.data.source, config.data.data_dir = "cifar10", _DATA_DIR.value
+  config.data.batch_size = _BATCH.value
+  devices = jax.local_devices()[:1]
+  ds = get_dataset(config.data, seed=0, num_local_devices=1)
+  n = max(steps, 20)
+  with ds.train_iterator(prefetch=0) as it:
+    next(it)
+    t = time.perf_counter()
+    host = [next(it) for _ in range(n)]
+    pipe_ms = (time.perf_counter() - t) / n * 1e3
+  t = time.perf_counter()
+  for b in host:
+    jax.block_until_ready(distributed.shard_batch(b, devices))
+  copy_ms = (time.perf_counter() - t) / n * 1e3
+  fixed = distributed.shard_batch(host[0], devices)
+  ms = {"alone": [], "prefetch 2": [], "prefetch 0": []}
+  for _ in range(2):
+    for mode in ms:
+      it = None if mode == "alone" else ds.train_iterator(prefetch=int(mode[-1]))
+      nxt = fixed if it is None else distributed.shard_batch(next(it), devices)
+      t = time.perf_counter()
+      for _ in range(n):
+        state, m = p_train(state, nxt)
+        if it is not None:
+          nxt = distributed.shard_batch(next(it), devices)
+      jax.block_until_ready(m)
+      ms[mode].append((time.perf_counter() - t) / n * 1e3)
+      if it is not None:
+        it.close()
+  alone, pre, sync = (min(v) for v in ms.values())
+  print(f"  data (cifar10, batch {_BATCH.value}, augment {ds.augment}): iterator alone "
+        f"{pipe_ms:.2f} ms/batch, host->device copy {copy_ms:.2f} ms; step alone "
+        f"{alone:.2f} ms, fed by the prefetching iterator {pre:.2f} ms, by the "
+        f"synchronous one {sync:.2f} ms (best of 2 alternating runs of {n} steps)")
 
 
 def main(argv):

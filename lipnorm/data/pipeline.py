@@ -170,7 +170,18 @@ class Dataset:
 
   def standardize_images(self, images: np.ndarray) -> np.ndarray:
     """uint8 `[..., C]` -> float32 `(x / pixel_max - mean) / std` (or `x / pixel_max`)."""
-    return images.astype(np.float32) * self._scale + self._shift
+    images = np.asarray(images)
+    if images.ndim < 2 or images.size == 0:
+      return images.astype(np.float32) * self._scale + self._shift
+    # Broadcasting the per-channel constants over a length-C last axis runs NumPy's
+    # inner loop C elements at a time (~20x slower on a CIFAR batch); tile them along
+    # each example's H*W*C values instead and convert inside the multiply (the same
+    # float32 operations, so the same numbers).
+    flat = images.reshape(images.shape[0], -1)
+    reps = flat.shape[1] // len(self._scale)
+    out = np.multiply(flat, np.tile(self._scale, reps), dtype=np.float32)
+    out += np.tile(self._shift, reps)
+    return out.reshape(images.shape)
 
   def _device_shape(self, x: np.ndarray) -> np.ndarray:
     """`[b, ...]` -> `[num_local_devices, b // num_local_devices, ...]`."""
@@ -335,6 +346,7 @@ class TrainIterator:
       raise ValueError(f"prefetch={prefetch!r} must be >= 0")
     self._ds = dataset
     self._epoch, self._step = epoch, step
+    self._perm_epoch, self._perm = None, None   # the synchronous path's cached order
     self._stop = threading.Event()
     self._queue: Optional[queue.Queue] = None
     self._thread: Optional[threading.Thread] = None
@@ -352,7 +364,9 @@ class TrainIterator:
     if self._stop.is_set():
       raise StopIteration
     if self._queue is None:
-      batch = self._ds.train_batch(self._epoch, self._step)
+      if self._perm_epoch != self._epoch:  # one permutation per epoch, not per batch
+        self._perm_epoch, self._perm = self._epoch, self._ds.epoch_permutation(self._epoch)
+      batch = self._ds.train_batch(self._epoch, self._step, self._perm)
     else:
       batch = self._queue.get()
       if isinstance(batch, _Failure):

@@ -9,6 +9,7 @@ import jax
 from flax import linen as nn
 
 from lipnorm.models import structure as st
+from lipnorm.models.conv import Conv, check_conv_impl
 from lipnorm.models.norm_spec import NormSpec
 
 
@@ -39,6 +40,10 @@ class ConvNormContext:
   use_bias: bool
   kernel_init: Any
   dtype: Any
+  conv_impl: str = "auto"   # lipnorm.models.conv.CONV_IMPLS
+
+  def __post_init__(self):
+    check_conv_impl(self.conv_impl)
 
 
 def conv_norm(spec: ConvSpec, h: jax.Array, ctx: ConvNormContext) -> jax.Array:
@@ -46,10 +51,10 @@ def conv_norm(spec: ConvSpec, h: jax.Array, ctx: ConvNormContext) -> jax.Array:
   no bias: the normalizer's mean removes it). Call from inside a compact method; the
   submodules are created in that module's scope."""
   has_norm = spec.slot in ctx.normalized
-  h = nn.Conv(spec.features, spec.kernel, strides=spec.strides, padding=spec.padding,
-              feature_group_count=spec.feature_group_count,
-              use_bias=ctx.use_bias and not has_norm, kernel_init=ctx.kernel_init,
-              dtype=ctx.dtype, name=spec.name)(h)
+  h = Conv(spec.features, spec.kernel, strides=spec.strides, padding=spec.padding,
+           feature_group_count=spec.feature_group_count,
+           use_bias=ctx.use_bias and not has_norm, kernel_init=ctx.kernel_init,
+           dtype=ctx.dtype, conv_impl=ctx.conv_impl, name=spec.name)(h)
   if has_norm:
     h = ctx.norm_factory(name=spec.norm_name)(h, use_batch_stats=ctx.use_batch_stats)
   return h

@@ -42,6 +42,7 @@ from lipnorm.models import structure as st
 from lipnorm.models.activations import get_activation
 from lipnorm.models.common import (ConvNormContext, ConvSpec, check_positive, conv_norm,
                                    conv_norm_structure, normalized_conv_slots)
+from lipnorm.models.conv import check_conv_impl
 from lipnorm.models.norm_spec import NormSpec, coerce_norm
 
 # (repeats, kernel, stride, expand ratio, input filters, output filters) of B0.
@@ -170,9 +171,11 @@ class EfficientNet(nn.Module):
   kernel_init: Any = nn.initializers.he_normal()
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
+  conv_impl: str = "auto"  # "auto" | "xla" | "matmul": see lipnorm.models.conv
 
   def __post_init__(self):
     coerce_norm(self)
+    check_conv_impl(self.conv_impl)  # fail at construction, not at the first trace
     self._normalized(self._plan())   # validate before any work
     super().__post_init__()
 
@@ -246,7 +249,8 @@ class EfficientNet(nn.Module):
     stem, blocks, top, _ = plan
     use_batch = train if use_batch_stats is None else use_batch_stats
     ctx = ConvNormContext(self._normalized(plan), self.norm.factory(self.bn_axis_name),
-                          use_batch, self.use_bias, self.kernel_init, self.dtype)
+                          use_batch, self.use_bias, self.kernel_init, self.dtype,
+                          conv_impl=self.conv_impl)
     act, _ = get_activation(self.activation)
     h = act(conv_norm(stem, x.astype(self.dtype), ctx))
     for name, convs, se_reduced, residual, drop_rate in blocks:

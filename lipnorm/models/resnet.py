@@ -30,6 +30,7 @@ from lipnorm.models.activations import get_activation
 from lipnorm.models.common import (ConvNormContext, ConvSpec, check_positive, conv_norm,
                                    conv_norm_structure, is_positive_int,
                                    normalized_conv_slots)
+from lipnorm.models.conv import check_conv_impl
 from lipnorm.models.norm_spec import NormSpec, coerce_norm
 
 BLOCKS = ("basic", "bottleneck")
@@ -94,9 +95,11 @@ class ResNet(nn.Module):
   kernel_init: Any = nn.initializers.he_normal()
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
+  conv_impl: str = "auto"  # "auto" | "xla" | "matmul": see lipnorm.models.conv
 
   def __post_init__(self):
     coerce_norm(self)
+    check_conv_impl(self.conv_impl)  # fail at construction, not at the first trace
     self._normalized(self._plan())   # validate before any work
     super().__post_init__()
 
@@ -157,7 +160,8 @@ class ResNet(nn.Module):
     stem, blocks, _ = plan
     use_batch = train if use_batch_stats is None else use_batch_stats
     ctx = ConvNormContext(self._normalized(plan), self.norm.factory(self.bn_axis_name),
-                          use_batch, self.use_bias, self.kernel_init, self.dtype)
+                          use_batch, self.use_bias, self.kernel_init, self.dtype,
+                          conv_impl=self.conv_impl)
     act, _ = get_activation(self.activation)
     h = act(conv_norm(stem, x.astype(self.dtype), ctx))
     if self.stem == "imagenet":
