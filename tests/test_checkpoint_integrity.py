@@ -313,3 +313,18 @@ def test_cli_exits_2_when_no_checkpoint_is_intact(reference_run, tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and "no intact checkpoint" in lines[0]
+
+
+def test_optimizer_states_with_empty_nodes_checksum_and_verify(tmp_path):
+  """An optax chain whose first state is empty (weight decay 0, a constant schedule) once
+  broke the checksum's flattening; its live and target-less restored key paths agree."""
+  import optax
+  params = {"w": np.arange(4.0, dtype=np.float32).reshape(2, 2)}
+  tx = optax.chain(optax.add_decayed_weights(0.0),
+                   optax.sgd(optax.constant_schedule(0.1), momentum=0.9))
+  state = jax.tree.map(np.asarray, {"params": params, "opt_state": tx.init(params)})
+  ckpt = Checkpointer(str(tmp_path), keep=2, async_save=False)
+  ckpt.save(3, state, [{"position": 0}])
+  assert ckpt.latest_step() == 3 and ckpt.intact_steps() == [3]
+  restored, _ = ckpt.restore(3, state)
+  np.testing.assert_array_equal(restored["params"]["w"], params["w"])

@@ -76,7 +76,7 @@ def _leaf_digest(x) -> str:
 def _flat_leaves(tree) -> dict[str, Any]:
   """`{"params/dense_0/kernel": array, ...}`: the key paths Orbax stores. They are the
   same for the live `TrainState` and for a target-less restore (nested dicts / lists)."""
-  flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=False))
+  flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True))
   return {"/".join(str(k) for k in path): leaf for path, leaf in flat.items()}
 
 
