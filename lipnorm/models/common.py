@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from lipnorm.models import structure as st
 from lipnorm.models.conv import Conv, check_conv_impl
-from lipnorm.models.norm_spec import NormSpec
+from lipnorm.models.norm_spec import NormSpec, coerce_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,16 @@ class ConvNormContext:
 
   def __post_init__(self):
     check_conv_impl(self.conv_impl)
+
+
+def check_conv_model(module: nn.Module, plan: Callable[[], Any]) -> None:
+  """The construction-time checks of every conv model (call from `__post_init__`), so a
+  bad setting fails before any work: a registry name given as `norm` becomes a
+  `NormSpec`, `conv_impl` is a valid name, and `module._normalized(plan())` validates the
+  normalized slots against the model's conv plan."""
+  coerce_norm(module)
+  check_conv_impl(module.conv_impl)
+  module._normalized(plan())
 
 
 def conv_norm(spec: ConvSpec, h: jax.Array, ctx: ConvNormContext) -> jax.Array:

@@ -24,8 +24,9 @@ and the output is `sum_ij x_ij @ k[i, j]` (per group). The implementations:
             EfficientNet-B0 train step ~17x slower than the matmul form, while for
             ordinary convs (ResNet-18, the CNN) the matmul form was 0-30% slower.
 
-`Conv` is `nn.Conv` plus the `conv_impl` field, with the same parameter tree (`kernel` `[kh, kw, C/groups, F]`, `bias` `[F]`), so checkpoints move
-freely between implementations.
+`Conv` is `nn.Conv` plus the `conv_impl` field, with the same parameter tree (`kernel`
+`[kh, kw, C/groups, F]`, `bias` `[F]`), so checkpoints move freely between
+implementations.
 """
 from __future__ import annotations
 

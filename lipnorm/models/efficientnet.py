@@ -40,10 +40,10 @@ from flax import linen as nn
 
 from lipnorm.models import structure as st
 from lipnorm.models.activations import get_activation
-from lipnorm.models.common import (ConvNormContext, ConvSpec, check_positive, conv_norm,
-                                   conv_norm_structure, normalized_conv_slots)
-from lipnorm.models.conv import check_conv_impl
-from lipnorm.models.norm_spec import NormSpec, coerce_norm
+from lipnorm.models.common import (ConvNormContext, ConvSpec, check_conv_model,
+                                   check_positive, conv_norm, conv_norm_structure,
+                                   normalized_conv_slots)
+from lipnorm.models.norm_spec import NormSpec
 
 # (repeats, kernel, stride, expand ratio, input filters, output filters) of B0.
 B0_BLOCKS = (
@@ -174,9 +174,7 @@ class EfficientNet(nn.Module):
   conv_impl: str = "auto"  # "auto" | "xla" | "matmul": see lipnorm.models.conv
 
   def __post_init__(self):
-    coerce_norm(self)
-    check_conv_impl(self.conv_impl)  # fail at construction, not at the first trace
-    self._normalized(self._plan())   # validate before any work
+    check_conv_model(self, self._plan)
     super().__post_init__()
 
   def _normalized(self, plan) -> frozenset[int]:

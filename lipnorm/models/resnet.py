@@ -27,11 +27,10 @@ from flax import linen as nn
 
 from lipnorm.models import structure as st
 from lipnorm.models.activations import get_activation
-from lipnorm.models.common import (ConvNormContext, ConvSpec, check_positive, conv_norm,
-                                   conv_norm_structure, is_positive_int,
-                                   normalized_conv_slots)
-from lipnorm.models.conv import check_conv_impl
-from lipnorm.models.norm_spec import NormSpec, coerce_norm
+from lipnorm.models.common import (ConvNormContext, ConvSpec, check_conv_model,
+                                   check_positive, conv_norm, conv_norm_structure,
+                                   is_positive_int, normalized_conv_slots)
+from lipnorm.models.norm_spec import NormSpec
 
 BLOCKS = ("basic", "bottleneck")
 STEMS = ("cifar", "imagenet")
@@ -98,9 +97,7 @@ class ResNet(nn.Module):
   conv_impl: str = "auto"  # "auto" | "xla" | "matmul": see lipnorm.models.conv
 
   def __post_init__(self):
-    coerce_norm(self)
-    check_conv_impl(self.conv_impl)  # fail at construction, not at the first trace
-    self._normalized(self._plan())   # validate before any work
+    check_conv_model(self, self._plan)
     super().__post_init__()
 
   def _normalized(self, plan) -> frozenset[int]:
