@@ -10,11 +10,9 @@ nets also the lower-bound search) and the number of violations (bound < lower va
                                  [--archs relu_net,cnn] [--norms none,batch,...]
 """
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lipnorm.lipschitz import tightness  # noqa: E402
 

@@ -36,7 +36,6 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -47,7 +46,6 @@ from lipnorm.experiments.dynamics import default_config as dynamics_config  # no
 from lipnorm.experiments.dynamics import run_dynamics  # noqa: E402
 from lipnorm.experiments.records import read_records, series  # noqa: E402
 from lipnorm.experiments.report import fmt, markdown_table  # noqa: E402
-from lipnorm.probes import strip_axis_name  # noqa: E402
 from lipnorm.training import build_model as build_training_model  # noqa: E402
 from lipnorm.training import train  # noqa: E402
 
@@ -124,7 +122,7 @@ def stop_after(seconds: float):
 def flops_per_step(config, num_classes: int, image_shape: tuple) -> float:
   """3 x the XLA-counted FLOPs of one forward pass on a training batch (forward +
   backward ~ 3 forwards); NaN if the backend gives no cost analysis."""
-  model = strip_axis_name(build_training_model(config, num_classes))
+  model = build_training_model(config, num_classes, pmap=False)
   x = jnp.zeros((config.data.batch_size, *image_shape), jnp.float32)
   variables = common.init_variables(model, x, seed=0)
   compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()

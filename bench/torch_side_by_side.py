@@ -26,7 +26,6 @@ import sys
 import time
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
