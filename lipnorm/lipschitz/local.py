@@ -225,7 +225,14 @@ def _gram_norm(gram):
 def dense_layer_paths(model: nn.Module, variables: Mapping, xs: jax.Array) -> tuple:
   """Module paths of the `nn.Dense` layers called exactly once per forward pass on one
   example, whose parameters are exactly a 2-D `kernel` (and a `bias`): the layers whose
-  Jacobian Gram `param_lipschitz` reads from activations and output cotangents."""
+  Jacobian Gram `param_lipschitz` reads from activations and output cotangents.
+  Traced once per model, variable shapes and example shape (`model_info.shape_cached`)."""
+  return model_info.shape_cached(
+      "dense_layer_paths", model, variables, (tuple(xs.shape[1:]), str(xs.dtype)),
+      lambda: _traced_dense_layer_paths(model, variables, xs))
+
+
+def _traced_dense_layer_paths(model: nn.Module, variables: Mapping, xs: jax.Array) -> tuple:
   calls: dict[Path, int] = {}
 
   def count(next_fun, args, kwargs, context):
@@ -264,9 +271,10 @@ def _leaf_grams(model, apply_one, variables, flat_params, xs, x, i, dense_paths)
     acts = {}
 
     def perturb(next_fun, args, kwargs, context):
-      path = tuple(context.module.path)
-      if context.method_name != "__call__" or path not in dense:
+      # method name first: unbound modules (e.g. in __post_init__ helpers) have no path
+      if context.method_name != "__call__" or tuple(context.module.path) not in dense:
         return next_fun(*args, **kwargs)
+      path = tuple(context.module.path)
       acts[path] = args[0]
       return next_fun(*args, **kwargs) + deltas[path]
     params = traverse_util.unflatten_dict({**flat_params, **sub})
