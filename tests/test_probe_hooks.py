@@ -77,3 +77,56 @@ def test_hooks_report_the_prober_values_and_strip_the_pmap_axis():
     LayerProbeHook(plain, 0)
   with pytest.raises(ValueError, match="num_examples"):
     LipschitzHook(plain, 1, num_classes=10, num_examples=0)
+
+
+def test_hooks_compile_once_and_reuse_it_at_later_probes():
+  """The first probe compiles; later probes of new weights (same shapes) trace and
+  compile nothing: every jitted core is cached across calls, keyed on the (hashable)
+  model, and nothing is rebuilt per call."""
+  from jax._src import dispatch, monitoring
+  model = get_model("relu_net", depth=3, width=8, norm="layer")
+  x = jax.random.normal(jax.random.key(0), (16, 5))
+  batch = {"image": x, "label": jax.numpy.arange(16) % 10}
+  v1 = model.init(jax.random.key(1), x[:1])
+  c = presets.tiny_train()
+  c.probes.lipschitz_examples, c.probes.hessian_examples = 3, 8
+  hooks = [fn for _, _, fn in probe_hook_fns(c, model, 10)]
+  for fn in hooks:
+    fn(0, v1, batch)
+  later = {s: jax.tree.map(lambda a, s=s: a * (1 + 0.1 * s), v1) for s in (2, 4)}
+  compiles = []
+
+  def listen(event, duration, **kwargs):
+    if event == dispatch.BACKEND_COMPILE_EVENT:
+      compiles.append(kwargs.get("fun_name", event))
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    for step, v in later.items():
+      results = [fn(step, v, batch) for fn in hooks]
+  finally:
+    monitoring.unregister_event_duration_listener(listen)
+  assert compiles == []
+  assert results[1]["eval/lip_x_max"] > 0 and np.isfinite(results[1]["hessian_top"])
+
+
+def test_chain_max_dim_option_selects_the_certified_bound():
+  """`probes.chain_max_dim` defaults to the engine's; 0 skips the chain bound, so the
+  certified bound is the folded product (never below the chain's)."""
+  from lipnorm.lipschitz.certified import DEFAULT_CHAIN_MAX_DIM
+  from lipnorm.probes.options import PROBE_OPTIONS, validate_probe_options
+  assert PROBE_OPTIONS["chain_max_dim"] == DEFAULT_CHAIN_MAX_DIM
+  with pytest.raises(ValueError, match="chain_max_dim"):
+    validate_probe_options({"chain_max_dim": -1})
+  model = get_model("relu_net", depth=3, width=8, norm="none")
+  x = jax.random.normal(jax.random.key(0), (6, 5))
+  variables = model.init(jax.random.key(1), x[:1])
+  out = {}
+  for cap in (DEFAULT_CHAIN_MAX_DIM, 0):
+    hook = LipschitzHook(model, 1, num_classes=10, num_examples=4, param=False,
+                         hessian_examples=0, chain_max_dim=cap)
+    out[cap] = hook(0, variables, {"image": x, "label": jax.numpy.zeros(6, int)})
+  assert out[0]["eval/lip_bound_certified"] <= out[0]["eval/lip_bound_paper"]
+  assert out[DEFAULT_CHAIN_MAX_DIM]["eval/lip_bound_certified"] < \
+      out[0]["eval/lip_bound_certified"]
+  assert out[DEFAULT_CHAIN_MAX_DIM]["eval/lip_bound_certified"] >= \
+      out[0]["eval/lip_x_max"] * (1 - 1e-5)

@@ -173,6 +173,14 @@ def test_prober_rejects_unknown_mode_and_skips_batch_mode_without_bn():
 
 
 
+def conv_matrix(kernel, in_shape, strides):
+  """The SAME-padded conv's matrix `[out, in]` (float64), formed by autodiff."""
+  f = lambda v: jax.lax.conv_general_dilated(   # noqa: E731
+      v.reshape(1, *in_shape), kernel, strides, "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(-1)
+  return np.asarray(jax.jacfwd(f)(jnp.zeros(int(np.prod(in_shape)))), np.float64)
+
+
 def test_spectral_norms_match_svd_of_the_explicit_linear_maps():
   """Dense: SVD of the kernel; conv: SVD of the conv map's matrix formed by autodiff at
   the layer's input size (6x6x2, SAME padding; 3x3x4 with stride 2 for conv_1)."""
@@ -181,13 +189,6 @@ def test_spectral_norms_match_svd_of_the_explicit_linear_maps():
   variables = _randomize(model.init(jax.random.key(0), x), jax.random.key(4))
   p = LayerProber(model, spectral=True)(variables, x)["eval"]
   params = variables["params"]
-
-  def conv_matrix(kernel, in_shape, strides):
-    f = lambda v: jax.lax.conv_general_dilated(   # noqa: E731
-        v.reshape(1, *in_shape), kernel, strides, "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(-1)
-    return np.asarray(jax.jacfwd(f)(jnp.zeros(int(np.prod(in_shape)))), np.float64)
-
   ref = [np.linalg.svd(conv_matrix(params["conv_0"]["kernel"], (6, 6, 2), (1, 1)),
                        compute_uv=False)[0],
          np.linalg.svd(conv_matrix(params["conv_1"]["kernel"], (6, 6, 4), (2, 2)),
@@ -195,3 +196,30 @@ def test_spectral_norms_match_svd_of_the_explicit_linear_maps():
          np.linalg.svd(np.asarray(params["head"]["kernel"], np.float64), compute_uv=False)[0]]
   np.testing.assert_allclose(p.linear["spectral"], ref, rtol=1e-4)
   np.testing.assert_allclose(p.linear["cumprod_spectral"], np.cumprod(ref), rtol=1e-4)
+
+
+def test_spectral_probes_warm_start_lanczos_from_the_previous_probe(monkeypatch):
+  """conv_0 at 12x12x4 (576 inputs and outputs, above the explicit-matrix size) gets a
+  Lanczos estimate; the next probe starts it from the last top singular vector and still
+  matches the SVD of the new weights' explicit conv matrix."""
+  from lipnorm import lipschitz
+  model = _TinyConvNet()
+  x = jax.random.normal(jax.random.key(3), (5, 12, 12, 4))
+  v1 = _randomize(model.init(jax.random.key(0), x), jax.random.key(4))
+  v2 = jax.tree.map(lambda a: a * 1.01 + 0.01, v1)   # the weights a few steps later
+  starts = []
+  real = lipschitz.layer_operator_norms
+
+  def spy(*args, **kwargs):
+    starts.append(kwargs.get("start_vectors"))
+    return real(*args, **kwargs)
+  monkeypatch.setattr(lipschitz, "layer_operator_norms", spy)
+  prober = LayerProber(model, spectral=True)
+  prober(v1, x)
+  p2 = prober(v2, x)["eval"].linear["spectral"]
+  prober(v2, x[:, :6, :6])    # another input size: a cold start, not a wrong-shape vector
+  assert starts[0] is None and starts[2] is None
+  assert list(starts[1]) == [("conv_0",)] and starts[1][("conv_0",)].shape == (12, 12, 4)
+  ref = np.linalg.svd(conv_matrix(v2["params"]["conv_0"]["kernel"], (12, 12, 4), (1, 1)),
+                      compute_uv=False)[0]
+  np.testing.assert_allclose(p2[0], ref, rtol=1e-4)

@@ -84,7 +84,21 @@ def _top_eigs(loss_fn, params, batch, key, *, k, method, num_iters, tol):
   rel_res = res / jnp.maximum(jnp.abs(vals), jnp.finfo(vals.dtype).tiny)
   return HessianEigenResult(eigenvalues=vals, residuals=rel_res, iterations=iters,
                             converged=conv, rel_change=rel,
-                            eigenvectors=jax.vmap(unravel)(vecs), method=method)
+                            eigenvectors=jax.vmap(unravel)(vecs),
+                            method=method), loss_fn(params, batch)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_loss_shape(loss_fn, treedef, leaf_types):
+  args = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaf_types])
+  return jax.eval_shape(loss_fn, *args)
+
+
+def _loss_shape(loss_fn, params, batch) -> jax.ShapeDtypeStruct:
+  """`jax.eval_shape(loss_fn, params, batch)`, traced once per loss_fn and shapes."""
+  leaves, treedef = jax.tree.flatten((params, batch))
+  return _cached_loss_shape(loss_fn, treedef, tuple((jnp.shape(x), jnp.result_type(x))
+                                                    for x in leaves))
 
 
 def hessian_top_eigenvalues(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
@@ -111,11 +125,14 @@ def hessian_top_eigenvalues(loss_fn: Callable[[Any, Any], jax.Array], params: An
     raise ValueError(f"k={k!r} must be an int in [1, {num_params}] (number of parameters)")
   if method == "lanczos" and num_iters < k:
     raise ValueError(f"num_iters={num_iters} must be >= k={k} for Lanczos")
-  loss = loss_fn(params, batch)
-  if jnp.ndim(loss) != 0:
-    raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(loss)}")
+  loss = _loss_shape(loss_fn, params, batch)   # a (cached) trace, not a forward pass
+  if loss.ndim != 0:
+    raise ValueError(f"loss_fn must return a scalar, got shape {loss.shape}")
+  key = jax.random.key(0) if key is None else key
+  # the loss comes out of the same compiled call: checking it eagerly beforehand cost an
+  # op-by-op forward pass (and its first-call compiles) on every call
+  res, loss = _top_eigs(loss_fn, params, batch, key, k=k, method=method,
+                        num_iters=num_iters, tol=float(tol))
   if not bool(jnp.isfinite(loss)):
     raise NonFiniteError(f"loss_fn(params, batch) = {float(loss)} is not finite")
-  key = jax.random.key(0) if key is None else key
-  return _top_eigs(loss_fn, params, batch, key, k=k, method=method, num_iters=num_iters,
-                   tol=float(tol))
+  return res

@@ -225,7 +225,14 @@ def _gram_norm(gram):
 def dense_layer_paths(model: nn.Module, variables: Mapping, xs: jax.Array) -> tuple:
   """Module paths of the `nn.Dense` layers called exactly once per forward pass on one
   example, whose parameters are exactly a 2-D `kernel` (and a `bias`): the layers whose
-  Jacobian Gram `param_lipschitz` reads from activations and output cotangents."""
+  Jacobian Gram `param_lipschitz` reads from activations and output cotangents.
+  Traced once per model, variable shapes and example shape (`model_info.shape_cached`)."""
+  return model_info.shape_cached(
+      "dense_layer_paths", model, variables, (tuple(xs.shape[1:]), str(xs.dtype)),
+      lambda: _traced_dense_layer_paths(model, variables, xs))
+
+
+def _traced_dense_layer_paths(model: nn.Module, variables: Mapping, xs: jax.Array) -> tuple:
   calls: dict[Path, int] = {}
 
   def count(next_fun, args, kwargs, context):

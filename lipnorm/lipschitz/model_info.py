@@ -93,7 +93,17 @@ def module_calls(model: nn.Module, variables: Mapping, input_shape: Sequence[int
                  dtype=jnp.float32, **apply_kwargs) -> dict[Path, ModuleCall]:
   """Input shape (of args[0], batch of 1) of every module call, keyed by module path,
   found with `nn.intercept_methods` under `jax.eval_shape` (no FLOPs are spent).
-  The first call of a path wins. Raises ValueError when the model rejects the shape."""
+  The first call of a path wins. Raises ValueError when the model rejects the shape.
+  Traced once per (model, variable shapes, input shape, dtype, apply kwargs) and cached
+  (the result depends on shapes only; probes call this at every bound)."""
+  kwargs = tuple(sorted(apply_kwargs.items()))
+  return dict(shape_cached(
+      "module_calls", model, variables, (tuple(input_shape), str(dtype), kwargs),
+      lambda: _traced_module_calls(model, variables, input_shape, dtype, **apply_kwargs)))
+
+
+def _traced_module_calls(model: nn.Module, variables: Mapping, input_shape: Sequence[int],
+                         dtype=jnp.float32, **apply_kwargs) -> dict[Path, ModuleCall]:
   calls: dict[Path, ModuleCall] = {}
 
   def interceptor(next_fun, args, kwargs, context):
@@ -126,23 +136,38 @@ def _signature(variables: Mapping) -> tuple:
 _SHAPE_CACHE: dict = {}
 
 
+def shape_cached(tag: str, model: nn.Module, variables: Mapping, extra: tuple, compute):
+  """`compute()` cached under (tag, model, the variables' shapes and dtypes, extra): for
+  results that depend on shapes only (traces of the model), so repeated measurements of
+  changing weights do not re-trace it. Computed every time when the model or `extra`
+  is unhashable."""
+  try:
+    key = (tag, model, _signature(variables), extra)
+    hash(key)
+  except (TypeError, AttributeError):   # unhashable model / extra, or non-array leaves
+    return compute()
+  if key not in _SHAPE_CACHE:
+    value = compute()
+    if len(_SHAPE_CACHE) > 256:
+      _SHAPE_CACHE.clear()
+    _SHAPE_CACHE[key] = value
+  return _SHAPE_CACHE[key]
+
+
 def example_sizes(model: nn.Module, variables: Mapping, example_shape: Sequence[int],
                   dtype=jnp.float32) -> tuple[int, int]:
   """(output size, rough forward-activation bytes) of one example, traced once per
   (model, variable shapes, example shape, dtype) and cached: repeated calls in a
   training loop do not re-trace the model. Raises ValueError when the shape does not
   fit the model."""
-  key = (model, _signature(variables), tuple(example_shape), str(dtype))
-  if key not in _SHAPE_CACHE:
+  def compute():
     calls = module_calls(model, variables, example_shape, dtype)
     out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
                          jax.ShapeDtypeStruct((1, *example_shape), dtype))
     out_size = sum(math.prod(o.shape) for o in jax.tree.leaves(out))
-    act = sum(c.out_size for c in calls.values()) * jnp.dtype(dtype).itemsize
-    if len(_SHAPE_CACHE) > 256:
-      _SHAPE_CACHE.clear()
-    _SHAPE_CACHE[key] = (out_size, act)
-  return _SHAPE_CACHE[key]
+    return out_size, sum(c.out_size for c in calls.values()) * jnp.dtype(dtype).itemsize
+  return shape_cached("example_sizes", model, variables, (tuple(example_shape), str(dtype)),
+                      compute)
 
 
 def check_batch(model: nn.Module, variables: Mapping, xs: jax.Array) -> tuple[int, int]:

@@ -8,8 +8,10 @@ from lipnorm.bn_modes import FORWARD_BN_MODES
 from lipnorm.probes.layer_stats import (LINEAR_STATS, NORM_STATS_KEYS, LayerProbes,
                                         amplifying_mask, assemble, group_gains, make_probe_fn)
 from lipnorm.probes.layout import ProbeLayout, probe_layout
-from lipnorm.probes.prober import LayerProber, flatten_probes, weight_spectral_norms
+from lipnorm.probes.prober import (LayerProber, flatten_probes, weight_operator_norms,
+                                   weight_spectral_norms)
 
 __all__ = ["FORWARD_BN_MODES", "LINEAR_STATS", "NORM_STATS_KEYS", "LayerProbes",
            "amplifying_mask", "assemble", "group_gains", "make_probe_fn", "ProbeLayout",
-           "probe_layout", "LayerProber", "flatten_probes", "weight_spectral_norms"]
+           "probe_layout", "LayerProber", "flatten_probes", "weight_operator_norms",
+           "weight_spectral_norms"]

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from lipnorm.lipschitz.certified import DEFAULT_CHAIN_MAX_DIM
 from lipnorm.probes.lipschitz_metrics import has_batchnorm, hessian_top, lipschitz_metrics
 from lipnorm.probes.options import PROBE_OPTIONS, validate_probe_options
 from lipnorm.probes.prober import LayerProber, flatten_probes
@@ -54,11 +55,17 @@ class LipschitzHook:
   mode in `bn_modes` (only "eval" for models without BN), and `hessian_top` (top Hessian
   eigenvalue of the cross-entropy on the first `hessian_examples` probe examples, BN on
   batch statistics; Lanczos, 20 iterations) and `hessian_converged` when
-  `hessian_examples > 0`."""
+  `hessian_examples > 0`. `chain_max_dim`: see `lipschitz_metrics.bounds`.
+
+  Cost: the jitted measurements compile at the first call (seconds: the Hessian's
+  Lanczos loop most) and are reused at every later call (keyed on the hashable model
+  and the shapes); later calls pay the computation itself, the bound's float64 linear
+  algebra included."""
 
   def __init__(self, model: nn.Module, every: int, *, num_classes: int,
                bn_modes: Sequence[str] = ("eval", "batch_fixed"), num_examples: int = 32,
-               param: bool = True, bound: bool = True, hessian_examples: int = 128):
+               param: bool = True, bound: bool = True, hessian_examples: int = 128,
+               chain_max_dim: int = DEFAULT_CHAIN_MAX_DIM):
     if not isinstance(every, int) or every < 1:
       raise ValueError(f"LipschitzHook every={every!r} must be a positive integer")
     if num_examples < 1 or hessian_examples < 0:
@@ -67,7 +74,7 @@ class LipschitzHook:
     self.every, self.model, self.num_classes = every, model, num_classes
     self.bn_modes = tuple(bn_modes) if has_batchnorm(model) else ("eval",)
     self.num_examples, self.param, self.bound = num_examples, param, bound
-    self.hessian_examples = hessian_examples
+    self.hessian_examples, self.chain_max_dim = hessian_examples, chain_max_dim
 
   def __call__(self, step: int, variables: Any, probe_batch: Any) -> dict:
     del step
@@ -75,7 +82,7 @@ class LipschitzHook:
     out: dict[str, float] = {}
     for mode in self.bn_modes:
       m = lipschitz_metrics(self.model, variables, xs, bn_mode=mode, param=self.param,
-                            bound=self.bound)
+                            bound=self.bound, chain_max_dim=self.chain_max_dim)
       out.update({f"{mode}/{k}": v for k, v in m.items()})
     if self.hessian_examples and isinstance(probe_batch, Mapping):
       n = self.hessian_examples
@@ -118,5 +125,6 @@ def probe_hook_fns(config: Any, model: nn.Module, num_classes: int
         num_examples=int(probe_option(config, "lipschitz_examples")),
         param=bool(probe_option(config, "param_lipschitz")),
         bound=bool(probe_option(config, "bound")),
-        hessian_examples=int(probe_option(config, "hessian_examples")))))
+        hessian_examples=int(probe_option(config, "hessian_examples")),
+        chain_max_dim=int(probe_option(config, "chain_max_dim")))))
   return hooks

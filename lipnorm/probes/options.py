@@ -20,6 +20,10 @@ PROBE_OPTIONS: dict[str, Any] = {
     "param_lipschitz": True,        # also ||J_theta f||_2
     "bound": True,                  # also the engine's upper bound
     "hessian_examples": 128,        # examples for the loss Hessian's top eigenvalue (0: off)
+    "chain_max_dim": 4096,          # certified chain bound only for maps of at most this many
+                                    # inputs/outputs (0: never; the folded bound is then
+                                    # lip_bound_certified). lipnorm.lipschitz.certified's
+                                    # DEFAULT_CHAIN_MAX_DIM; cost ~ width^3 per probe
 }
 
 
@@ -51,6 +55,7 @@ def validate_probe_options(probes: Mapping[str, Any]) -> None:
   for name in ("every_steps", "lipschitz_every_steps", "batch_size", "lipschitz_examples"):
     _int(name, get(name), 1)
   _int("hessian_examples", get("hessian_examples"), 0)
+  _int("chain_max_dim", get("chain_max_dim"), 0)
   _int("spectral_every_steps", get("spectral_every_steps"), 0)
   _subset("bn_modes", get("bn_modes"), FORWARD_BN_MODES)
   _subset("lipschitz_bn_modes", get("lipschitz_bn_modes"), LIPSCHITZ_BN_MODES)

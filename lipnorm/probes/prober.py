@@ -2,7 +2,7 @@
 norms, for one or both BatchNorm modes, and their flattening to loggable values."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -13,12 +13,25 @@ from lipnorm.probes.layer_stats import LayerProbes, assemble, make_probe_fn
 from lipnorm.probes.layout import ProbeLayout, probe_layout
 
 
-def weight_spectral_norms(model: nn.Module, variables: Any, layout: ProbeLayout,
-                          input_shape: Sequence[int]) -> np.ndarray:
-  """||W_l||_2 of every linear map in `layout` order: `[L]`, from the Lipschitz engine
-  (exact SVD for dense maps, operator norm of the whole conv map at its input size)."""
+def weight_operator_norms(model: nn.Module, variables: Any, input_shape: Sequence[int], *,
+                          start_vectors: Optional[Mapping] = None) -> dict:
+  """`lipnorm.lipschitz.layer_operator_norms` of every linear map: `{path:
+  OperatorNorm}` (exact SVD for dense maps, operator norm of the whole conv map at its
+  input size; `start_vectors` warm-starts large convs' Lanczos estimates)."""
   from lipnorm.lipschitz import layer_operator_norms
-  norms = layer_operator_norms(model, variables, input_shape=tuple(input_shape))
+  return layer_operator_norms(model, variables, input_shape=tuple(input_shape),
+                              start_vectors=start_vectors)
+
+
+def weight_spectral_norms(model: nn.Module, variables: Any, layout: ProbeLayout,
+                          input_shape: Sequence[int], *,
+                          start_vectors: Optional[Mapping] = None) -> np.ndarray:
+  """||W_l||_2 of every linear map in `layout` order: `[L]` (`weight_operator_norms`)."""
+  norms = weight_operator_norms(model, variables, input_shape, start_vectors=start_vectors)
+  return _estimates(norms, layout)
+
+
+def _estimates(norms: Mapping, layout: ProbeLayout) -> np.ndarray:
   return np.array([float(norms[p].estimate) for p in layout.linear_paths], np.float64)
 
 
@@ -49,15 +62,25 @@ class LayerProber:
     self.spectral = spectral
     self._fns = {m: make_probe_fn(model, self.layout, use_batch_stats=uses_batch_stats(m))
                  for m in self.bn_modes}
+    # {input shape: {path: top right singular vector}} of the last spectral probe: the
+    # next probe's Lanczos (large convs) starts there, as weights change slowly
+    self._start_vectors: dict[tuple, dict] = {}
 
   def __call__(self, variables: Any, x: jax.Array, *, spectral: bool | None = None
                ) -> dict[str, LayerProbes]:
     """{mode: LayerProbes} on probe batch `x` `[N, ...]`; `spectral` overrides the
-    constructor's choice for this call."""
+    constructor's choice for this call. Spectral norms of large convs (Lanczos) start
+    from the previous call's singular vectors at the same input shape."""
     spectral = self.spectral if spectral is None else spectral
-    spectral = (weight_spectral_norms(self.model, variables, self.layout, x.shape[1:])
-                if spectral else None)
-    return {m: assemble(m, self.layout, fn(variables, x), spectral)
+    values = None
+    if spectral:
+      shape = tuple(x.shape[1:])
+      norms = weight_operator_norms(self.model, variables, shape,
+                                    start_vectors=self._start_vectors.get(shape))
+      self._start_vectors[shape] = {p: r.vector for p, r in norms.items()
+                                    if r.vector is not None}
+      values = _estimates(norms, self.layout)
+    return {m: assemble(m, self.layout, fn(variables, x), values)
             for m, fn in self._fns.items()}
 
 
