@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from lipnorm.lipschitz.certified import DEFAULT_CHAIN_MAX_DIM
 from lipnorm.probes.lipschitz_metrics import has_batchnorm, hessian_top, lipschitz_metrics
-from lipnorm.probes.options import PROBE_OPTIONS, validate_probe_options
+from lipnorm.probes.options import PROBE_OPTIONS
 from lipnorm.probes.prober import LayerProber, flatten_probes
 
 
@@ -105,9 +105,8 @@ def probe_hook_fns(config: Any, model: nn.Module, num_classes: int
                    ) -> list[tuple[str, int, Callable[[int, Any, Any], dict]]]:
   """(name, every, fn) of the hooks `config.probes` asks for (none when disabled).
   `model` may be the training model (BN synced over the pmap axis `bn_axis_name`): the
-  hooks run on the host, outside pmap, so they measure it without that axis."""
-  probes = getattr(config, "probes", None)
-  validate_probe_options(dict(probes) if probes is not None else {})
+  hooks run on the host, outside pmap, so they measure it without that axis. `config`
+  is a validated training config (`validate_config` checks `config.probes` once)."""
   if not probe_option(config, "enabled"):
     return []
   if getattr(model, "bn_axis_name", None) is not None:
