@@ -1,5 +1,6 @@
 """Every experiment command end to end on the `tiny` presets (8x8 digits, a few steps)."""
 import json
+import math
 
 import pytest
 
@@ -44,7 +45,7 @@ def test_compare_tiny(compare_dir):
   assert [r["norm"] for r in s["rows"]] == ["none", "batch"]
   for r in s["rows"]:
     assert 0 <= r["test_accuracy"] <= 1 and r["lip_x_max"] > 0 and r["lip_theta_max"] > 0
-    assert r["hessian_top"] == r["hessian_top"] and isinstance(r["diverged"], bool)
+    assert math.isfinite(r["hessian_top"]) and isinstance(r["diverged"], bool)
   md = (compare_dir / "compare.md").read_text()
   assert md.count("\n| ") >= 3 and "Hessian" in md
   assert _png_ok(compare_dir / "compare_metrics.png")

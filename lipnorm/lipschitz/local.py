@@ -264,8 +264,10 @@ def _leaf_grams(model, apply_one, variables, flat_params, xs, x, i, dense_paths)
     acts = {}
 
     def perturb(next_fun, args, kwargs, context):
-      path = tuple(context.module.path)
-      if context.method_name != "__call__" or path not in dense:
+      # The method name first: methods of unbound modules (__post_init__ checks) come
+      # through here too, and only a bound module has a path.
+      path = tuple(context.module.path) if context.method_name == "__call__" else None
+      if path not in dense:
         return next_fun(*args, **kwargs)
       acts[path] = args[0]
       return next_fun(*args, **kwargs) + deltas[path]
