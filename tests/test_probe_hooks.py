@@ -66,7 +66,7 @@ def test_hooks_report_the_prober_values_and_strip_the_pmap_axis():
   model = get_model("relu_net", depth=3, width=8, norm="batch", bn_axis_name="batch")
   x = jax.random.normal(jax.random.key(0), (16, 5))
   batch = {"image": x, "label": jax.numpy.arange(16) % 10}
-  variables = model.init(jax.random.key(1), x[:1])
+  variables = jax.jit(model.init)(jax.random.key(1), x[:1])   # one compile, not one per op
   variables = {k: variables[k] for k in ("params", "batch_stats")}
   c = _probed_config(**{"probes.every_steps": 5, "probes.lipschitz_every_steps": 7})
   c.probes.lipschitz_examples, c.probes.hessian_examples = 3, 0   # Hessian: test above
