@@ -24,6 +24,7 @@ def _probed_config(**changes):
       "probes.hessian_examples": 16, **changes})
 
 
+@pytest.mark.slow
 def test_training_with_probes_ends_with_the_same_parameters(tmp_path):
   """Probes every step (layers) and every 2 steps (Lipschitz, bound, Hessian) must not
   change a single bit of the trained parameters or BN statistics."""

@@ -70,6 +70,7 @@ def test_bad_flags_are_one_line_exit_2(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_nested_override_trains_and_rerun_prints_summary(tmp_path):
   flags = tiny_cli_flags(**{"model.norm": "group", "bn_stats": "global",
                             "num_train_steps": 2}) + [
