@@ -18,17 +18,6 @@ def enable_x64():
     jax.config.update("jax_enable_x64", prev)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  """These tests compile many small graphs and run each once or twice: skip XLA's
-  expensive optimization passes (same results up to float rounding, well inside the
-  tolerances checked). Imported into each test module, where it applies to all tests."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
 @pytest.fixture
 def x64():
   with enable_x64():

@@ -1,5 +1,6 @@
 """Every experiment command end to end on the `tiny` presets (8x8 digits, a few steps)."""
 import json
+import math
 
 import pytest
 
@@ -12,6 +13,7 @@ def _png_ok(path):
   return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+@pytest.mark.slow
 def test_sweep_tiny(tmp_path):
   out = tmp_path / "sweep"
   # At init only: the trained stage is the same train_and_load + measure as `compare`
@@ -39,12 +41,13 @@ def compare_dir(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_compare_tiny(compare_dir):
   s = json.loads((compare_dir / "compare.json").read_text())
   assert [r["norm"] for r in s["rows"]] == ["none", "batch"]
   for r in s["rows"]:
     assert 0 <= r["test_accuracy"] <= 1 and r["lip_x_max"] > 0 and r["lip_theta_max"] > 0
-    assert r["hessian_top"] == r["hessian_top"] and isinstance(r["diverged"], bool)
+    assert math.isfinite(r["hessian_top"]) and isinstance(r["diverged"], bool)
   md = (compare_dir / "compare.md").read_text()
   assert md.count("\n| ") >= 3 and "Hessian" in md
   assert _png_ok(compare_dir / "compare_metrics.png")
@@ -52,6 +55,7 @@ def test_compare_tiny(compare_dir):
   assert _png_ok(compare_dir / "runs" / "batch" / "dynamics" / "fig2_variances.png")
 
 
+@pytest.mark.slow
 def test_regime_tiny_reuses_compare(compare_dir, tmp_path):
   c = get_config("regime", "tiny")
   c.out_dir, c.compare_dir = str(tmp_path), str(compare_dir)
@@ -76,6 +80,7 @@ def test_regime_tiny_reuses_compare(compare_dir, tmp_path):
       assert r["ratio_min"] >= 1 - 1e-5
 
 
+@pytest.mark.slow
 def test_dynamics_tiny_trains_then_plots(tmp_path):
   assert cli.main(["dynamics", "--preset", "tiny", "--out", str(tmp_path)]) == 0
   s = json.loads((tmp_path / "dynamics.json").read_text())

@@ -14,7 +14,9 @@ from lipnorm.lipschitz.bounds import normalizer_factor
 from lipnorm.models import get_model
 from lipnorm.models import structure as st
 from lipnorm.normalizers import BatchNorm, lipschitz_factor
-from lipschitz_testing import fast_compiles, random_variables, x64  # noqa: F401
+from lipschitz_testing import random_variables, x64  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 NORMS = [("none", None), ("batch", None), ("layer", None), ("group", {"num_groups": 2}),
          ("rms", None)]

@@ -9,8 +9,10 @@ from jax.flatten_util import ravel_pytree
 
 from lipnorm.lipschitz import input_lipschitz, param_groups, param_lipschitz
 from lipnorm.models import get_model
-from lipschitz_testing import (explicit_norms, f64_model, fast_compiles,  # noqa: F401
+from lipschitz_testing import (explicit_norms, f64_model,  # noqa: F401
                                random_variables, x64)
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 # (norm, norm_options, bn_mode): every normalizer a dense net can carry non-trivially
 # (instance norm on [N, D] normalizes single features: a constant map; see the CNN tests)

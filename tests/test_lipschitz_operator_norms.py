@@ -14,7 +14,9 @@ from lipnorm.lipschitz.operator_norms import (ConvGeometry, _TopEigenvalue, circ
                                               conv_apply, conv_matrix, patch_bound)
 from lipnorm.models import get_model
 from lipnorm.models import structure as st
-from lipschitz_testing import fast_compiles, random_variables  # noqa: F401
+from lipschitz_testing import random_variables  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _explicit_conv(kernel, in_shape, **conv_kw):

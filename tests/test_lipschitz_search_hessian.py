@@ -9,7 +9,9 @@ from jax.flatten_util import ravel_pytree
 from lipnorm.lipschitz import (hessian_top_eigenvalues, input_lipschitz, lower_bound_search,
                                merge_stats, normalizer_stats, upper_bound)
 from lipnorm.models import get_model
-from lipschitz_testing import f64_model, fast_compiles, random_variables, x64  # noqa: F401
+from lipschitz_testing import f64_model, random_variables, x64  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.mark.parametrize("norm,gradient", [("none", "smoothed"), ("layer", "autodiff")])

@@ -5,24 +5,36 @@ import jax
 import numpy as np
 import pytest
 
-from lipnorm.experiments import presets
 from lipnorm.models import get_model
 from lipnorm.probes import LayerProber, flatten_probes
 from lipnorm.probes.hooks import LayerProbeHook, LipschitzHook, probe_hook_fns
 from lipnorm.training import load_checkpoint, train
+from training_helpers import tiny_config
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
+def _probed_config(**changes):
+  """The tiny BN training config (tests/training_helpers.py) with every probe on:
+  layers (spectral norms every 2 steps), Lipschitz in eval and batch_fixed modes, bound,
+  Hessian."""
+  return tiny_config(**{
+      "probes.enabled": True, "probes.batch_size": 32, "probes.spectral_every_steps": 2,
+      "probes.lipschitz_examples": 4, "probes.lipschitz_bn_modes": ("eval", "batch_fixed"),
+      "probes.hessian_examples": 16, **changes})
+
+
+@pytest.mark.slow
 def test_training_with_probes_ends_with_the_same_parameters(tmp_path):
   """Probes every step (layers) and every 2 steps (Lipschitz, bound, Hessian) must not
   change a single bit of the trained parameters or BN statistics."""
   finals = {}
   for enabled in (False, True):
-    c = presets.tiny_train(steps=4)
-    c.model.norm = "batch"
-    c.probes.enabled = enabled
-    c.probes.every_steps, c.probes.lipschitz_every_steps = 1, 2
+    c = _probed_config(**{"num_train_steps": 4, "eval_every_steps": 4,
+                          "checkpoint_every_steps": 4, "probes.enabled": enabled,
+                          "probes.every_steps": 1, "probes.lipschitz_every_steps": 2})
     workdir = tmp_path / f"probes_{enabled}"
-    summary = train(c, str(workdir))
+    summary = train(c, str(workdir), interactive=False)
     assert summary["status"] == "completed"
     finals[enabled] = load_checkpoint(str(workdir))["state"]
     records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -55,10 +67,9 @@ def test_hooks_report_the_prober_values_and_strip_the_pmap_axis():
   model = get_model("relu_net", depth=3, width=8, norm="batch", bn_axis_name="batch")
   x = jax.random.normal(jax.random.key(0), (16, 5))
   batch = {"image": x, "label": jax.numpy.arange(16) % 10}
-  variables = model.init(jax.random.key(1), x[:1])
+  variables = jax.jit(model.init)(jax.random.key(1), x[:1])   # one compile, not one per op
   variables = {k: variables[k] for k in ("params", "batch_stats")}
-  c = presets.tiny_train()
-  c.probes.every_steps, c.probes.lipschitz_every_steps = 5, 7
+  c = _probed_config(**{"probes.every_steps": 5, "probes.lipschitz_every_steps": 7})
   c.probes.lipschitz_examples, c.probes.hessian_examples = 3, 0   # Hessian: test above
   fns = dict((name, (every, fn)) for name, every, fn in probe_hook_fns(c, model, 10))
   assert fns["layers"][0] == 5 and fns["lipschitz"][0] == 7

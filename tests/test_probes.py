@@ -1,4 +1,6 @@
 """Layer probes against hand computation in float64 NumPy (forward pass written out)."""
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,21 +12,24 @@ from lipnorm.models import structure as st
 from lipnorm.normalizers import get_normalizer
 from lipnorm.probes import LayerProber, flatten_probes, probe_layout
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 EPS = 1e-5
 
 
-def _randomize(variables, key):
+def _randomize(variables, seed):
   """Random gammas around 1 (some > sigma, some < sigma) and random running stats, so
-  every statistic (and the amplifying fraction) is non-trivial."""
+  every statistic (and the amplifying fraction) is non-trivial. Drawn with NumPy (no XLA
+  compile per leaf shape), one stream per leaf path (crc32: stable across processes)."""
   def leaf(path, x):
     name = path[-1].key
-    k = jax.random.fold_in(key, hash(jax.tree_util.keystr(path)) % (2 ** 31))
+    rng = np.random.default_rng([seed, zlib.crc32(jax.tree_util.keystr(path).encode())])
     if name == "scale":
-      return jax.random.uniform(k, x.shape, minval=-2.5, maxval=2.5)
+      return jnp.asarray(rng.uniform(-2.5, 2.5, x.shape), x.dtype)
     if name == "bias" or name == "mean":
-      return 0.3 * jax.random.normal(k, x.shape)
+      return jnp.asarray(0.3 * rng.normal(size=x.shape), x.dtype)
     if name == "var":
-      return jax.random.uniform(k, x.shape, minval=0.2, maxval=4.0)
+      return jnp.asarray(rng.uniform(0.2, 4.0, x.shape), x.dtype)
     return x
   return jax.tree_util.tree_map_with_path(leaf, variables)
 
@@ -89,7 +94,7 @@ def test_probes_match_numpy_forward_pass(kind, batch_mode):
   model = get_model("relu_net", depth=depth, width=width, norm=kind, norm_layers=[0, 2],
                     norm_options=opts)
   x = jax.random.normal(jax.random.key(1), (16, 3, 2))
-  variables = _randomize(model.init(jax.random.key(0), x), jax.random.key(2))
+  variables = _randomize(jax.jit(model.init)(jax.random.key(0), x), 2)
   mode = "batch" if batch_mode else "eval"
   probes = LayerProber(model, bn_modes=(mode,), spectral=False)(variables, x)
   assert list(probes) == [mode]
@@ -140,7 +145,7 @@ class _TinyConvNet(nn.Module):
 def test_conv_probes_reduce_over_batch_and_positions():
   model = _TinyConvNet()
   x = jax.random.normal(jax.random.key(3), (5, 6, 6, 2))
-  variables = _randomize(model.init(jax.random.key(0), x), jax.random.key(4))
+  variables = _randomize(jax.jit(model.init)(jax.random.key(0), x), 4)
   layout = probe_layout(model.structure())
   assert layout.linear_normalized == (True, False, False)
   p = LayerProber(model, bn_modes=("eval", "batch"), spectral=False)(variables, x)
@@ -186,7 +191,7 @@ def test_spectral_norms_match_svd_of_the_explicit_linear_maps():
   the layer's input size (6x6x2, SAME padding; 3x3x4 with stride 2 for conv_1)."""
   model = _TinyConvNet()
   x = jax.random.normal(jax.random.key(3), (5, 6, 6, 2))
-  variables = _randomize(model.init(jax.random.key(0), x), jax.random.key(4))
+  variables = _randomize(jax.jit(model.init)(jax.random.key(0), x), 4)
   p = LayerProber(model, spectral=True)(variables, x)["eval"]
   params = variables["params"]
   ref = [np.linalg.svd(conv_matrix(params["conv_0"]["kernel"], (6, 6, 2), (1, 1)),

@@ -14,13 +14,26 @@ from training_helpers import CONFIGS, ROOT, tiny_cli_flags
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
-def _train_py(*flags: str, timeout: float = 240) -> tuple[int, str, str]:
+def _start(*flags: str) -> subprocess.Popen:
   env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4", "JAX_PLATFORMS": "cpu",
          "JAX_THREEFRY_PARTITIONABLE": "false", "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",
          "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], env=env,
-                        capture_output=True, text=True, timeout=timeout)
-  return proc.returncode, proc.stdout, proc.stderr
+  return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out, err = proc.communicate()
+    pytest.fail(f"train.py timed out after {timeout}s; stderr:\n{err[-3000:]}")
+  return proc.returncode, out, err
+
+
+def _train_py(*flags: str, timeout: float = 240) -> tuple[int, str, str]:
+  return _result(_start(*flags), timeout)
 
 
 def _one_error_line(code: int, out: str, err: str) -> str:
@@ -50,12 +63,14 @@ def test_bad_flags_are_one_line_exit_2(tmp_path):
       ((default, f"--workdir={tmp_path / 'w'}", "--config.model.norm=group",
         "--config.model.norm_options.num_groups=5"), "num_groups=5 does not divide"),
   ]
-  for flags, expected in cases:
-    line = _one_error_line(*_train_py(*flags))
+  procs = [_start(*flags) for flags, _ in cases]   # independent: run them side by side
+  for (flags, expected), proc in zip(cases, procs):
+    line = _one_error_line(*_result(proc))
     assert expected in line, (flags, line)
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_nested_override_trains_and_rerun_prints_summary(tmp_path):
   flags = tiny_cli_flags(**{"model.norm": "group", "bn_stats": "global",
                             "num_train_steps": 2}) + [

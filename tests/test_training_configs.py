@@ -35,6 +35,7 @@ def test_every_config_file_is_covered():
   assert sorted(p.stem for p in CONFIGS.glob("*.py")) == sorted(TINY)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_config_trains_a_few_steps(name, tmp_path, cifar_dir):
   config = load_config(name)

@@ -56,6 +56,7 @@ def test_unknown_config_key_fails_in_one_line(tmp_path):
   assert "Traceback" not in out and not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes(tmp_path):
   changes = {"num_train_steps": 100_000, "schedule.name": "constant", "log_every_steps": 5,
              "eval_every_steps": 100_000, "checkpoint_every_steps": 100_000}
@@ -88,6 +89,7 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
   assert max(r["step"] for r in read_metrics(str(metrics))) == stopped + 3
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(tmp_path):
   changes = {"schedule.name": "constant", "bn_stats": "global", "log_every_steps": 2,
              "eval_every_steps": 2, "checkpoint_every_steps": 2}

@@ -45,7 +45,7 @@ def _reference_step(config, host_state, images, labels):
                               images, train=True, mutable=["batch_stats"])
     return cross_entropy(logits, labels, CLASSES).mean(), upd["batch_stats"]
 
-  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(host_state.params)
+  (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(host_state.params)
   return loss, grads, stats
 
 
@@ -107,7 +107,7 @@ def test_gradients_are_global_batch_gradients_without_bn():
   model = build_model(config, CLASSES)
   images, labels = batch["image"].reshape(-1, DIM), batch["label"].ravel()
   loss_fn = lambda p: cross_entropy(model.apply({"params": p}, images), labels, CLASSES).mean()
-  loss, grads = jax.value_and_grad(loss_fn)(host_state.params)
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(host_state.params)
   assert new_state.batch_stats == {}
   expected = jax.tree.map(lambda p, g: p - 0.1 * g, host_state.params, grads)
   chex_tree_close(first_replica(new_state.params), expected, rtol=1e-5, atol=1e-6)
@@ -128,7 +128,7 @@ def test_eval_step_masks_padding():
   batch["image"][-1, 1:] = 1e3                     # garbage that must not count
   sums = first_replica(p_eval(replicate(host_state), {**batch, "mask": mask}))
   keep = mask.ravel() > 0
-  logits = model.apply(host_state.variables(), batch["image"].reshape(-1, DIM)[keep])
+  logits = jax.jit(model.apply)(host_state.variables(), batch["image"].reshape(-1, DIM)[keep])
   labels = batch["label"].ravel()[keep]
   assert float(sums["count"]) == keep.sum()
   np.testing.assert_allclose(float(sums["loss_sum"]),
