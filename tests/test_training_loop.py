@@ -206,3 +206,18 @@ def test_workdir_must_be_a_writable_directory(tmp_path):
   ro.mkdir(mode=0o555)
   with pytest.raises(ConfigError, match=r"--workdir .*ro.* is not writable"):
     train(tiny_config(), str(ro), interactive=False)
+
+
+def test_sigterm_before_the_loop_stops_at_the_first_boundary(tmp_path):
+  """A preemption that arrives while the run is still being built (or compiling) is not
+  lost or fatal: the run checkpoints and stops at its first step boundary."""
+  from lipnorm.data import get_dataset
+
+  def dataset_fn(data_config, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return get_dataset(data_config, **kwargs)
+
+  summary = train(tiny_config(num_train_steps=50, log_every_steps=10), str(tmp_path),
+                  dataset_fn=dataset_fn, interactive=False)
+  assert summary["status"] == "preempted" and summary["step"] == 1
+  assert load_checkpoint(str(tmp_path))["step"] == 1

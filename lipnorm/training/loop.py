@@ -212,28 +212,32 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, override_config: b
   config = validate_config(config)
   distributed.maybe_initialize(config.distributed)
   check_batch_sizes(config, jax.device_count(), jax.process_count())
-  built = _build(config, dataset_fn)
-  # Only now, with everything built, is the workdir created.
-  workdir = prepare_workdir(workdir)
-  config_diffs = check_config(workdir, config, override_config)
-  if jax.process_count() > 1:  # everyone has read the old config before it is replaced
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("lipnorm_config_checked")
-  checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-  start_step, train_iterator = None, None
-  try:
-    start_step, host_state, train_iterator = _restore(checkpointer, built.host_state,
-                                                      built.ds)
-    done = _completed_summary(workdir, start_step, built.total_steps, config_diffs)
-    if done is not None:
-      return done
-    return _run(built, workdir, checkpointer, host_state, train_iterator, start_step,
-                config_diffs=config_diffs, extra_hooks=extra_hooks,
-                interactive=interactive, t_start=t_start)
-  finally:
-    if hasattr(train_iterator, "close"):  # stops lipnorm.data's prefetch thread
-      train_iterator.close()
-    checkpointer.close()
+  # From here on a SIGTERM/SIGINT (e.g. while building or compiling) is a request to
+  # checkpoint and stop at the first step boundary, never a lost run.
+  stop = _StopRequest()
+  with stop.installed():
+    built = _build(config, dataset_fn)
+    # Only now, with everything built, is the workdir created.
+    workdir = prepare_workdir(workdir)
+    config_diffs = check_config(workdir, config, override_config)
+    if jax.process_count() > 1:  # everyone has read the old config before it is replaced
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("lipnorm_config_checked")
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+    start_step, train_iterator = None, None
+    try:
+      start_step, host_state, train_iterator = _restore(checkpointer, built.host_state,
+                                                        built.ds)
+      done = _completed_summary(workdir, start_step, built.total_steps, config_diffs)
+      if done is not None:
+        return done
+      return _run(built, workdir, checkpointer, host_state, train_iterator, start_step,
+                  config_diffs=config_diffs, extra_hooks=extra_hooks,
+                  interactive=interactive, t_start=t_start, stop=stop)
+    finally:
+      if hasattr(train_iterator, "close"):  # stops lipnorm.data's prefetch thread
+        train_iterator.close()
+      checkpointer.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +305,7 @@ def _completed_summary(workdir, start_step, total_steps, config_diffs) -> Option
 
 
 def _run(built: _Built, workdir, checkpointer, host_state, train_iterator, start_step, *,
-         config_diffs, extra_hooks, interactive, t_start) -> dict:
+         config_diffs, extra_hooks, interactive, t_start, stop) -> dict:
   """Everything after building and restoring: the session's outputs, the loop, the
   summary (the caller closes the iterator and the checkpointer)."""
   config, ds, model = built.config, built.ds, built.model
@@ -324,7 +328,7 @@ def _run(built: _Built, workdir, checkpointer, host_state, train_iterator, start
                  if k in ("train", "eval")}
     rs.probes = latest_probes(records)
   _start_session(run, rs, config_diffs)
-  _loop(run, rs, _batches(train_iterator, devices), interactive)
+  _loop(run, rs, _batches(train_iterator, devices), interactive, stop)
   summary = _summary(run, rs, t_start)
   if is_main:
     write_summary(workdir, summary)
@@ -370,39 +374,38 @@ def _due(run: _Run, step: int, stop: _StopRequest) -> _Due:
               hooks=any(h.due(step, run.total_steps) for h in run.hooks), stopping=stopping)
 
 
-def _loop(run: _Run, rs: RunState, batches, interactive) -> None:
-  """Steps until done, diverged or stopped. Order at a boundary: close the logging
-  window (divergence check), hooks, evaluation, checkpoint, stop."""
+def _loop(run: _Run, rs: RunState, batches, interactive, stop: _StopRequest) -> None:
+  """Steps until done, diverged or stopped (`stop` holds a SIGTERM/SIGINT received since
+  the session started). Order at a boundary: close the logging window (divergence
+  check), hooks, evaluation, checkpoint, stop."""
   progress = Progress(run.total_steps, rs.step, enabled=run.is_main, interactive=interactive)
-  stop = _StopRequest()
-  with stop.installed():
-    while rs.step < run.total_steps:
-      batch, rs.iterator_state = next(batches)
-      rs.state, metrics = run.p_train(rs.state, batch)
-      rs.step += 1
-      rs.pending.append(metrics)
-      if rs.step == rs.session_step0 + 1:   # rates exclude the compiling first step
-        jax.block_until_ready(metrics)
-        rs.window_t0 = rs.session_t0 = time.time()
-      else:
-        rs.window_steps += 1
-      progress.update()
-      due = _due(run, rs.step, stop)
-      if not due.anything:
-        continue
-      if not _close_window(run, rs, due.log, progress):
-        break
-      if due.hooks:
-        _run_hooks(run, rs)
-      if due.eval:
-        rs.latest["eval"] = run.writer.write(rs.step, "eval", evaluate(
-            run.p_eval, rs.state, run.ds, run.devices))
-        progress.report(rs.latest["eval"])
-      if due.checkpoint:
-        _save_checkpoint(run, rs)
-      if due.stopping:
-        _stopped(run, rs, stop.signal_name)
-        break
+  while rs.step < run.total_steps:
+    batch, rs.iterator_state = next(batches)
+    rs.state, metrics = run.p_train(rs.state, batch)
+    rs.step += 1
+    rs.pending.append(metrics)
+    if rs.step == rs.session_step0 + 1:   # rates exclude the compiling first step
+      jax.block_until_ready(metrics)
+      rs.window_t0 = rs.session_t0 = time.time()
+    else:
+      rs.window_steps += 1
+    progress.update()
+    due = _due(run, rs.step, stop)
+    if not due.anything:
+      continue
+    if not _close_window(run, rs, due.log, progress):
+      break
+    if due.hooks:
+      _run_hooks(run, rs)
+    if due.eval:
+      rs.latest["eval"] = run.writer.write(rs.step, "eval", evaluate(
+          run.p_eval, rs.state, run.ds, run.devices))
+      progress.report(rs.latest["eval"])
+    if due.checkpoint:
+      _save_checkpoint(run, rs)
+    if due.stopping:
+      _stopped(run, rs, stop.signal_name)
+      break
   progress.close()
 
 
