@@ -28,6 +28,10 @@ def test_grid_products_dedups_and_canonicalizes():
   with pytest.raises(ValueError, match="unknown keys"):
     correlate.grid(c)
   assert len(correlate.grid(get_config("correlate", "cifar"))) >= 40
+  small = correlate.grid(get_config("correlate", "cpu_small"))
+  assert len(small) >= 40
+  for axis in ("depth", "width", "norm", "k", "lr", "wd", "batch"):   # every axis varies
+    assert len({n[axis] for n in small}) >= 2, axis
 
 
 def test_model_kwargs_cnn_widths_and_groups():
