@@ -116,6 +116,11 @@ def test_correlate_tiny_end_to_end_and_resume(tmp_path, monkeypatch):
   md = (out / "correlate.md").read_text()
   assert "| lip_x_max | gap |" in md and "| certified_bound | gap |" in md
   assert "| paper bound | certified bound |" in md
+  reached = sum(n["id"] not in {r["id"] for r in map(json.loads, map(
+      lambda f: f.read_text(), (out / "nets").glob("*.json"))) if not r["reached_target"]}
+      for n in s["nets"])
+  assert s["num_nets_reached"] == reached
+  assert all(r["n"] <= reached for r in s["correlations_reached"])
   assert not (out / "runs").exists() or not any((out / "runs").iterdir())
 
   def no_training(*a, **k):
