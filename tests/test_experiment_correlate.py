@@ -28,6 +28,10 @@ def test_grid_products_dedups_and_canonicalizes():
   with pytest.raises(ValueError, match="unknown keys"):
     correlate.grid(c)
   assert len(correlate.grid(get_config("correlate", "cifar"))) >= 40
+  small = correlate.grid(get_config("correlate", "cpu_small"))
+  assert len(small) >= 40
+  for axis in ("depth", "width", "norm", "k", "lr", "wd", "batch"):   # every axis varies
+    assert len({n[axis] for n in small}) >= 2, axis
 
 
 def test_model_kwargs_cnn_widths_and_groups():
@@ -103,12 +107,20 @@ def test_correlate_tiny_end_to_end_and_resume(tmp_path, monkeypatch):
     assert 0 <= n["test_accuracy"] <= 1 and n["steps"] in (10, 20)
     assert n["lip_x_max"] > 0 and n["paper_bound"] >= n["lip_x_max"] * (1 - 1e-4)
     assert n["product_bound"] > 0 and math.isfinite(n["hessian_top"])
+    assert n["lip_x_max"] * (1 - 1e-4) <= n["certified_bound"] <= n["paper_bound"] * (1 + 1e-6)
     assert n["gap"] == pytest.approx(n["train_accuracy"] - n["test_accuracy"])
   rows = {(r["measure"], r["target"]): r for r in s["correlations"]}
   assert rows[("lip_x_max", "gap")]["n"] == 3
   assert rows[("lip_x_max", "gap")]["granulated"]["norm"]["groups"] == 1
   assert (out / "scatter" / "paper_bound.png").exists()
-  assert "| lip_x_max | gap |" in (out / "correlate.md").read_text()
+  md = (out / "correlate.md").read_text()
+  assert "| lip_x_max | gap |" in md and "| certified_bound | gap |" in md
+  assert "| paper bound | certified bound |" in md
+  reached = sum(n["id"] not in {r["id"] for r in map(json.loads, map(
+      lambda f: f.read_text(), (out / "nets").glob("*.json"))) if not r["reached_target"]}
+      for n in s["nets"])
+  assert s["num_nets_reached"] == reached
+  assert all(r["n"] <= reached for r in s["correlations_reached"])
   assert not (out / "runs").exists() or not any((out / "runs").iterdir())
 
   def no_training(*a, **k):

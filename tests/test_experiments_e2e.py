@@ -23,14 +23,21 @@ def test_sweep_tiny(tmp_path):
   s = json.loads((out / "sweep.json").read_text())
   for p in s["points"]:
     assert p["lip_x_max"] > 0 and p["bound"] >= p["lip_x_max"] * (1 - 1e-4), p
+    # both bounds: the certified one sound (>= the local constant), never above the paper's
+    assert p["lip_x_max"] * (1 - 1e-4) <= p["lip_bound_certified"] <= p["bound"] * (1 + 1e-6), p
   stages = {(p["series"], p["stage"]) for p in s["points"]}
   assert stages == {("depth", "init"), ("k", "init")}
   assert any(f["series"] == "depth" and f["metric"] == "lip_x_max" for f in s["fits"])
+  for series in ("depth", "k"):
+    assert {"bound", "lip_bound_certified"} <= {f["metric"] for f in s["fits"]
+                                                if f["series"] == series}
   for p in s["permutation"]:     # C2: exactly a^L
     assert p["lip_x_max"] == pytest.approx(p["expected"], rel=1e-4)
     assert p["bound"] == pytest.approx(p["expected"], rel=1e-4)
   assert _png_ok(out / "sweep_depth.png") and _png_ok(out / "sweep_k.png")
-  assert "| depth |" in (out / "sweep.md").read_text()
+  md = (out / "sweep.md").read_text()
+  assert "| depth |" in md and "| paper bound | certified bound |" in md
+  assert "| depth | init | batch | certified bound |" in md
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +55,10 @@ def test_compare_tiny(compare_dir):
   for r in s["rows"]:
     assert 0 <= r["test_accuracy"] <= 1 and r["lip_x_max"] > 0 and r["lip_theta_max"] > 0
     assert math.isfinite(r["hessian_top"]) and isinstance(r["diverged"], bool)
+    assert r["lip_x_max"] * (1 - 1e-4) <= r["lip_bound_certified"] <= r["bound"] * (1 + 1e-6)
   md = (compare_dir / "compare.md").read_text()
   assert md.count("\n| ") >= 3 and "Hessian" in md
+  assert "| paper bound | certified bound |" in md
   assert _png_ok(compare_dir / "compare_metrics.png")
   assert _png_ok(compare_dir / "compare_curves.png")
   assert _png_ok(compare_dir / "runs" / "batch" / "dynamics" / "fig2_variances.png")
@@ -66,14 +75,21 @@ def test_regime_tiny_reuses_compare(compare_dir, tmp_path):
   for e in s["trained"]:
     frac = e["eval"]["amplifying_fraction_per_layer"]
     assert len(frac) == 2 and all(0 <= f <= 1 for f in frac)
+    assert 0 < e["lip_bound_certified"] <= e["bound"] * (1 + 1e-6)
   pts = s["construction"]["points"]
   assert all(p["amplifying_fraction"] == 1.0 for p in pts if p["norm"] != "none")
+  for p in pts:
+    assert p["lip_x_max"] * (1 - 1e-4) <= p["lip_bound_certified"] <= p["bound"] * (1 + 1e-6), p
+  assert {"bound", "lip_bound_certified"} <= {f["metric"] for f in s["construction"]["fits"]}
   bn = {p["depth"]: p["lip_x_max"] for p in pts if p["norm"] == "batch"}
   none = {p["depth"]: p["lip_x_max"] for p in pts if p["norm"] == "none"}
   assert bn[4] > bn[2] > 1.0 > none[2] > none[4]       # amplifying vs contracting
   assert _png_ok(tmp_path / "regime_trained.png")
   assert _png_ok(tmp_path / "regime_construction.png")
-  assert "Construction" in (tmp_path / "regime.md").read_text()
+  md = (tmp_path / "regime.md").read_text()
+  assert "Construction" in md
+  assert md.count("| paper bound | certified bound |") == 2     # trained and construction
+  assert "| batch | certified bound |" in md
   for r in s["normalizer_check"]:   # C3: BN eval factor exact, the others upper bounds
     assert r["ratio_max"] <= 1 + 1e-5
     if r["norm"] in ("batch", "layer"):

@@ -106,6 +106,7 @@ def _trained_part(c, out: pathlib.Path) -> list[dict]:
     records = read_records(workdir)
     entry = {"norm": r["norm"], "seed": r.get("seed"), "lip_x_max": r.get("lip_x_max"),
              "lip_theta_max": r.get("lip_theta_max"), "bound": r.get("bound"),
+             "lip_bound_certified": r.get("lip_bound_certified"),
              "test_accuracy": r.get("test_accuracy"), "diverged": r.get("diverged")}
     for mode in ("eval", "batch"):
       key = first_key(records, "probe", [f"{mode}/norm_amplifying_fraction"])
@@ -157,7 +158,7 @@ def _construction_part(cc, out: pathlib.Path) -> dict[str, Any]:
   fits = []
   for norm in ("none", *cc.norms):
     pts = [p for p in points if p["norm"] == norm]
-    for metric in ("lip_x_max", "lip_theta_max", "bound"):
+    for metric in ("lip_x_max", "lip_theta_max", "bound", "lip_bound_certified"):
       f = fit_growth([p["depth"] for p in pts], [p.get(metric, np.nan) for p in pts])
       fits.append({"norm": norm, "metric": metric, "factor": f.factor, "r2": f.r2, "n": f.n})
   fig, ax = plots.figure(2)
@@ -170,6 +171,10 @@ def _construction_part(cc, out: pathlib.Path) -> dict[str, Any]:
                 ylabel=metric, markers=True)
   plots.save(fig, out / "regime_construction.png")
   return {"points": points, "fits": fits, "config": cc.to_dict()}
+
+
+# "bound" is the paper's bound; "lip_bound_certified" lipnorm's tightest certified bound.
+_METRIC_NAMES = {"bound": "paper bound", "lip_bound_certified": "certified bound"}
 
 
 # ------------------------------------------------------ part C: normalizer factors (C3)
@@ -230,16 +235,18 @@ def regime_markdown(s: dict, c) -> str:
              "normalizers": len(e[mode]["factor_per_layer"]),
              "fmin": e[mode]["factor_min"], "fmax": e[mode]["factor_max"],
              "fprod": e[mode]["factor_product"], "lip": e.get("lip_x_max"),
+             "paper": e.get("bound"), "certified": e.get("lip_bound_certified"),
              "acc": e.get("test_accuracy")}
             for e in s["trained"] for mode in ("eval", "batch") if mode in e]
-    keys = ("frac", "layers_any", "normalizers", "fmin", "fmax", "fprod", "lip", "acc")
+    keys = ("frac", "layers_any", "normalizers", "fmin", "fmax", "fprod", "lip", "paper",
+            "certified", "acc")
     agg = stats.aggregate(flat, ["norm", "mode"], keys)
     seeds = sorted({f["seed"] for f in flat if f["seed"] is not None})
     parts += ["## Trained networks (last probe)\n",
               (f"Mean ± std over seeds {seeds}.\n" if len(seeds) > 1 else ""),
               markdown_table(["norm", "BN mode", "amplifying fraction", "layers with any",
                               "normalizers", "factor min", "factor max", "factor product",
-                              "Lip_x max", "test acc"],
+                              "Lip_x max", "paper bound", "certified bound", "test acc"],
                              [[a["norm"], a["mode"], *[stats.cell(a, k) for k in keys]]
                               for a in agg])]
   if "construction" in s:
@@ -247,13 +254,14 @@ def regime_markdown(s: dict, c) -> str:
     parts += [f"\n## Construction: ||W_l||_2 = {c.construction.weight_norm}, gamma = 1, "
               f"input std {c.construction.input_scale}, width {c.construction.width}\n",
               markdown_table(["norm", "metric", "growth per layer", "R^2", "points"],
-                             [[f["norm"], f["metric"], f["factor"], f["r2"], f["n"]]
-                              for f in cc["fits"]]),
+                             [[f["norm"], _METRIC_NAMES.get(f["metric"], f["metric"]),
+                               f["factor"], f["r2"], f["n"]] for f in cc["fits"]]),
               "\n", markdown_table(
                   ["norm", "L", "amplifying fraction", "Lip_x max", "Lip_x mean",
-                   "Lip_theta max", "bound"],
+                   "Lip_theta max", "paper bound", "certified bound"],
                   [[p["norm"], p["depth"], p["amplifying_fraction"], p.get("lip_x_max"),
-                    p.get("lip_x_mean"), p.get("lip_theta_max"), p.get("bound")]
+                    p.get("lip_x_mean"), p.get("lip_theta_max"), p.get("bound"),
+                    p.get("lip_bound_certified")]
                    for p in cc["points"]])]
   if "normalizer_check" in s:
     parts += ["\n## Normalizer Jacobian norm / factor (C3)\n",
