@@ -51,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.hessian_examples = 256  # batch of the training loss whose Hessian is probed
   c.bn_mode = "eval"        # BN regime of the measured functions
   c.dynamics = True         # also write each run's E2 figures
-  c.seeds = ()              # () = train.seed only; a count n or a list of seeds
+  c.seeds = stats.seeds_field()   # None = train.seed only; a count n or a list of seeds
   return c
 
 

@@ -70,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.target_loss = 0.05                 # stop when the train cross-entropy is below this
   c.max_steps = 4000                   # ... or at this many steps
   c.chunk_steps = 500                  # check the target every this many steps
-  c.seeds = ()                         # () = train.seed only; a count or a list
+  c.seeds = stats.seeds_field()   # None = train.seed only; a count or a list
   # Every net: `base` updated by one point of one block (each block: a dict whose tuple
   # values are varied jointly as a product, scalar values fixed); duplicates dropped.
   c.base = ml_collections.ConfigDict({

@@ -38,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.weight_norm = "auto"    # spectral | frobenius | auto (spectral if logged at >= 3 steps)
   c.select_layers = 6       # Figure 3: this many evenly spaced layers
   c.title = ""
-  c.seeds = ()              # with train_enabled: () = train.seed only; a count or a list
+  c.seeds = stats.seeds_field()   # with train_enabled: None = train.seed only; a count or a list
   c.workdirs = ()           # or: several existing workdirs (e.g. seeds) to aggregate
   return c
 

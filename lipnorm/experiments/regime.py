@@ -41,7 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.out_dir = "runs/regime"
   c.compare_dir = ""              # an E3 output folder to reuse; empty: run `compare`
   c.compare = compare_lib.default_config()
-  c.seeds = ()                    # part A: () = compare.seeds as given; else overrides it
+  c.seeds = stats.seeds_field()   # part A: None = compare.seeds as given; else overrides it
   c.construction = ml_collections.ConfigDict()
   c.construction.enabled = True
   c.construction.norms = ("batch", "layer")

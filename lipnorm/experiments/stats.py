@@ -12,9 +12,17 @@ import math
 from typing import Any, Callable, Hashable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+from ml_collections.config_dict import placeholder
 from scipy import stats as _scipy_stats   # a dependency of jax; only t quantiles used
 
 from lipnorm.experiments.report import fmt
+
+
+def seeds_field():
+  """The `seeds` config field of an experiment: unset (None: one run at the base seed),
+  a count n or a list of seeds. Typed `object` because a tuple-typed field would parse
+  the command-line `seeds=3` as the one-seed list (3,)."""
+  return placeholder(object)
 
 
 def seed_list(seeds: Any, base_seed: int = 0) -> list[int]:

@@ -58,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.bn_mode = "eval"          # BN regime of the measured function (see module docstring)
   c.train_steps = 0           # 0: at initialization only
   c.train = common.train_config()   # data, optimizer, ... of the short training
-  c.seeds = ()                # () = train.seed only; a count n or a list of seeds
+  c.seeds = stats.seeds_field()   # None = train.seed only; a count n or a list of seeds
   # C2: relu_nets with kernels a * P_l (permutations, width below, no bias) on positive
   # inputs, where Lip_x = a^L exactly; one depth series per scale a.
   c.permutation_scales = (1.5,)
