@@ -9,7 +9,7 @@ from flax import linen as nn
 
 from lipnorm.models import get_model
 from lipnorm.models.conv import CONV_IMPLS, Conv, conv2d, resolve_conv_impl
-from lipschitz_testing import enable_x64, fast_compiles  # noqa: F401
+from lipschitz_testing import enable_x64
 
 # (input NHWC, kernel (kh, kw), features, strides, padding, feature_group_count): each
 # kind of conv the zoo builds, at a few channels.
@@ -146,7 +146,7 @@ TINY_MODELS = {
 @pytest.mark.parametrize("name", [
     "cnn", "resnet18", pytest.param("resnet50", marks=pytest.mark.slow),
     pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
-def test_model_forward_and_gradient_with_matmul_equal_xla(name, fast_compiles):  # noqa: F811
+def test_model_forward_and_gradient_with_matmul_equal_xla(name, fast_compiles):
   kwargs, shape = TINY_MODELS[name]
   xla = get_model(name, conv_impl="xla", **kwargs)
   mm = get_model(name, conv_impl="matmul", **kwargs)

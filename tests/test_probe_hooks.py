@@ -99,7 +99,7 @@ def test_hooks_compile_once_and_reuse_it_at_later_probes():
   x = jax.random.normal(jax.random.key(0), (16, 5))
   batch = {"image": x, "label": jax.numpy.arange(16) % 10}
   v1 = model.init(jax.random.key(1), x[:1])
-  c = presets.tiny_train()
+  c = _probed_config()
   c.probes.lipschitz_examples, c.probes.hessian_examples = 3, 8
   hooks = [fn for _, _, fn in probe_hook_fns(c, model, 10)]
   for fn in hooks:

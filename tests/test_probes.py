@@ -210,7 +210,7 @@ def test_spectral_probes_warm_start_lanczos_from_the_previous_probe(monkeypatch)
   from lipnorm import lipschitz
   model = _TinyConvNet()
   x = jax.random.normal(jax.random.key(3), (5, 12, 12, 4))
-  v1 = _randomize(model.init(jax.random.key(0), x), jax.random.key(4))
+  v1 = _randomize(model.init(jax.random.key(0), x), 4)
   v2 = jax.tree.map(lambda a: a * 1.01 + 0.01, v1)   # the weights a few steps later
   starts = []
   real = lipschitz.layer_operator_norms

@@ -93,7 +93,7 @@ def test_experiments_cli_errors_and_override_syntax(capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ["error: --config.bogus_key=1: no such config key 'bogus_key'; valid keys: "
                  "bn_mode, dynamics, hessian, hessian_examples, norm_options, norms, num_eval, "
-                 "num_examples, out_dir, train"]
+                 "num_examples, out_dir, seeds, train"]
   assert cli.main(["compare", "--preset", "tiny", "--config.num_eval=abc"]) == 2
   assert "num_eval=abc" in capsys.readouterr().err
   # train.py's syntax, nested into the training config, and the old bare form together.
