@@ -3,7 +3,7 @@ in bfloat16 with probes on, inside one wall-clock budget (default 9 minutes).
 
   PYTHONPATH=$PWD python bench/gpu_campaign.py --data_dir /path/with/cifar10 \
       --out runs/gpu_campaign                     # ~9 minutes on one GPU
-  PYTHONPATH=$PWD python bench/gpu_campaign.py --tiny --out /tmp/gpu_campaign_tiny
+  python bench/gpu_campaign.py --tiny --out /tmp/gpu_campaign_tiny
                                                   # CPU smoke test: digits, tiny widths
 
 ResNet-18 trains until `--resnet_share` of the budget has passed, EfficientNet-B3 until
