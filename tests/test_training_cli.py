@@ -2,34 +2,22 @@
 is one `error:` line and exit code 2; nested overrides (`--config.model.norm_options.*`)
 work; rerunning a completed run prints its summary and changes nothing."""
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
 from lipnorm.experiments import cli
-from training_helpers import CONFIGS, ROOT, tiny_cli_flags
+from training_helpers import CONFIGS, finish, launch_train_py, tiny_cli_flags
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _start(*flags: str) -> subprocess.Popen:
-  env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4", "JAX_PLATFORMS": "cpu",
-         "JAX_THREEFRY_PARTITIONABLE": "false", "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",
-         "PYTHONPATH": str(ROOT)}
-  return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return launch_train_py(flags)
 
 
 def _result(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
-  try:
-    out, err = proc.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    out, err = proc.communicate()
-    pytest.fail(f"train.py timed out after {timeout}s; stderr:\n{err[-3000:]}")
-  return proc.returncode, out, err
+  return finish(proc, timeout)
 
 
 def _train_py(*flags: str, timeout: float = 240) -> tuple[int, str, str]:

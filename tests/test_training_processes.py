@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -15,29 +14,17 @@ import pytest
 
 from lipnorm.training import EXIT_CODES, load_checkpoint, train
 from lipnorm.training.metrics_writer import read_metrics
-from training_helpers import ROOT, tiny_cli_flags, tiny_config
+from training_helpers import finish, launch_train_py, tiny_cli_flags, tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _launch(flags: list[str], devices: int) -> subprocess.Popen:
-  """`python train.py <flags>` with JAX set up like this test process (tests/conftest.py
-  and its fast_compiles fixture), so its numbers match in-process runs."""
-  env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu",
-         "JAX_THREEFRY_PARTITIONABLE": "false", "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",
-         "PYTHONPATH": str(ROOT)}
-  return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return launch_train_py(flags, devices, merge_stderr=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
-  try:
-    out, _ = proc.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    out, _ = proc.communicate()
-    pytest.fail(f"train.py timed out after {timeout}s; output:\n{out[-3000:]}")
-  return proc.returncode, out
+  return finish(proc, timeout)[:2]
 
 
 def _free_port() -> int:

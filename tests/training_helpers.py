@@ -1,6 +1,11 @@
 """Shared by the training tests: configs/*.py loading and a tiny version of the default
 config (64 digits, a 3-layer width-16 BN net, 8 steps), in Python or as CLI flags."""
+import os
 import pathlib
+import subprocess
+import sys
+
+import pytest
 
 from lipnorm.training.config_schema import load_config_file
 
@@ -45,3 +50,27 @@ def tiny_cli_flags(**changes) -> list[str]:
   """The same config as `tiny_config(**changes)`, as train.py flags."""
   return ["--config=" + str(CONFIGS / "default.py")] + [
       f"--config.{k}={v}" for k, v in {**TINY_CHANGES, **changes}.items()]
+
+
+def launch_train_py(flags, devices: int = 4, merge_stderr: bool = False
+                    ) -> subprocess.Popen:
+  """`python train.py <flags>` with JAX set up like the test process (tests/conftest.py
+  and its fast_compiles fixture), so its numbers match in-process runs."""
+  env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu",
+         "JAX_THREEFRY_PARTITIONABLE": "false", "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",
+         "PYTHONPATH": str(ROOT)}
+  return subprocess.Popen(
+      [sys.executable, str(ROOT / "train.py"), *flags], env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple:
+  """(exit code, stdout, stderr) of a `launch_train_py` process (stderr None when merged
+  into stdout); fails the test, with the output's tail, past `timeout` seconds."""
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out, err = proc.communicate()
+    pytest.fail(f"train.py timed out after {timeout}s; output:\n{(err or out)[-3000:]}")
+  return proc.returncode, out, err
