@@ -7,8 +7,6 @@ import os
 import pathlib
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 
 import jax
@@ -19,7 +17,7 @@ import pytest
 from lipnorm.training import ConfigError, Hook, load_checkpoint, train
 from lipnorm.training.checkpointing import (CORRUPT_DIR, Checkpointer,
                                             CorruptCheckpointError, NoIntactCheckpointError)
-from training_helpers import ROOT, tiny_cli_flags, tiny_config
+from training_helpers import finish, launch_train_py, tiny_cli_flags, tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -305,13 +303,9 @@ def test_cli_exits_2_when_no_checkpoint_is_intact(reference_run, tmp_path):
   shutil.copytree(ref_dir, workdir)
   for s in (0, 4, 8):
     _empty(workdir / "checkpoints" / str(s))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4",
-         "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_cli_flags(),
-                         f"--workdir={workdir}"], capture_output=True, text=True, env=env,
-                        cwd=ROOT, timeout=600)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  code, _, err = finish(launch_train_py([*tiny_cli_flags(), f"--workdir={workdir}"]), 600)
+  assert code == 2, err[-2000:]
+  lines = [l for l in err.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and "no intact checkpoint" in lines[0]
 
 
