@@ -11,6 +11,13 @@ jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
 # new random shape on CPU; the classic one compiles ~10x faster. Tests draw different
 # (equally valid) random numbers; library code is unaffected.
 jax.config.update("jax_threefry_partitionable", False)
+# Tests compile hundreds of small programs and run each a few times, so XLA's
+# optimization passes cost far more than they save: skip them (results equal up to float
+# rounding; every tolerance allows for that). Run with JAX_DISABLE_MOST_OPTIMIZATIONS=false
+# to test the optimized programs users get.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+jax.config.update("jax_disable_most_optimizations",
+                  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true"))
 
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
@@ -43,14 +50,3 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real datasets not present at {SHARED_DATA} (see README.md, Data)")
   return SHARED_DATA
-
-
-@pytest.fixture(scope="module")
-def fast_compiles():
-  """For modules that compile many graphs and run each a few times: skip XLA's
-  expensive optimization passes (results equal up to float rounding). Use with
-  `pytestmark = pytest.mark.usefixtures("fast_compiles")`."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)

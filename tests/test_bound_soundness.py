@@ -18,7 +18,6 @@ from lipnorm.models import get_model
 from lipnorm.probes import lipschitz_metrics
 from lipschitz_testing import explicit_norms, f64_model, x64  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 NORMS = [("none", None), ("batch", None), ("layer", None), ("group", {"num_groups": 2}),
          ("rms", None)]

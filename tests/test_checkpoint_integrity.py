@@ -19,7 +19,6 @@ from lipnorm.training.checkpointing import (CORRUPT_DIR, Checkpointer,
                                             CorruptCheckpointError, NoIntactCheckpointError)
 from training_helpers import finish, launch_train_py, tiny_cli_flags, tiny_config
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 # ------------------------------------------------------------------ damage to one step dir

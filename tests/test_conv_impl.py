@@ -146,7 +146,7 @@ TINY_MODELS = {
 @pytest.mark.parametrize("name", [
     "cnn", "resnet18", pytest.param("resnet50", marks=pytest.mark.slow),
     pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
-def test_model_forward_and_gradient_with_matmul_equal_xla(name, fast_compiles):
+def test_model_forward_and_gradient_with_matmul_equal_xla(name):
   kwargs, shape = TINY_MODELS[name]
   xla = get_model(name, conv_impl="xla", **kwargs)
   mm = get_model(name, conv_impl="matmul", **kwargs)

@@ -16,7 +16,6 @@ from lipnorm.models import structure as st
 from lipnorm.normalizers import BatchNorm, lipschitz_factor
 from lipschitz_testing import random_variables, x64  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 NORMS = [("none", None), ("batch", None), ("layer", None), ("group", {"num_groups": 2}),
          ("rms", None)]

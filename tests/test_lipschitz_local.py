@@ -12,7 +12,6 @@ from lipnorm.models import get_model
 from lipschitz_testing import (explicit_norms, f64_model,  # noqa: F401
                                random_variables, x64)
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 # (norm, norm_options, bn_mode): every normalizer a dense net can carry non-trivially
 # (instance norm on [N, D] normalizes single features: a constant map; see the CNN tests)

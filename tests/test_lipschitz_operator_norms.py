@@ -16,7 +16,6 @@ from lipnorm.models import get_model
 from lipnorm.models import structure as st
 from lipschitz_testing import random_variables  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _explicit_conv(kernel, in_shape, **conv_kw):

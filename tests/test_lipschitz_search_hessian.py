@@ -11,7 +11,6 @@ from lipnorm.lipschitz import (hessian_top_eigenvalues, input_lipschitz, lower_b
 from lipnorm.models import get_model
 from lipschitz_testing import f64_model, random_variables, x64  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.mark.parametrize("norm,gradient", [("none", "smoothed"), ("layer", "autodiff")])

@@ -8,7 +8,6 @@ from lipnorm.lipschitz import jacobian_spectral_norm, power_iteration
 from lipnorm.lipschitz.spectral import choose_method, lanczos   # internals, tested directly
 from lipschitz_testing import explicit_norm, x64  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 ALL = ("auto", "jacfwd", "jacrev", "power", "lanczos")
 

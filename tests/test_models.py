@@ -35,7 +35,6 @@ HAS_DROPOUT = {"efficientnet_b0"}
 
 
 # These tests compile many tiny graphs and run each once.
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _kernel_paths(params) -> list[tuple[str, ...]]:

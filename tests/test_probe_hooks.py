@@ -11,7 +11,6 @@ from lipnorm.probes.hooks import LayerProbeHook, LipschitzHook, probe_hook_fns
 from lipnorm.training import load_checkpoint, train
 from training_helpers import tiny_config
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _probed_config(**changes):

@@ -12,7 +12,6 @@ from lipnorm.models import structure as st
 from lipnorm.normalizers import get_normalizer
 from lipnorm.probes import LayerProber, flatten_probes, probe_layout
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 EPS = 1e-5
 

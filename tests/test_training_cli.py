@@ -9,7 +9,6 @@ import pytest
 from lipnorm.experiments import cli
 from training_helpers import CONFIGS, finish, launch_train_py, tiny_cli_flags
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _start(*flags: str) -> subprocess.Popen:

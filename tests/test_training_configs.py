@@ -7,7 +7,6 @@ from data_writers import random_images, write_cifar10
 from lipnorm.training import train, validate_config
 from training_helpers import CONFIGS, load_config, set_fields
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 # Per config: overrides that keep the model family but make it tiny.
 TINY = {

@@ -13,7 +13,6 @@ from lipnorm.training import EXIT_CODES, Hook, base_config, load_checkpoint, tra
 from lipnorm.training.metrics_writer import read_metrics
 from training_helpers import tiny_config
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _sigterm_at(step_to_signal):

@@ -16,7 +16,6 @@ from lipnorm.training import EXIT_CODES, load_checkpoint, train
 from lipnorm.training.metrics_writer import read_metrics
 from training_helpers import finish, launch_train_py, tiny_cli_flags, tiny_config
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _launch(flags: list[str], devices: int) -> subprocess.Popen:

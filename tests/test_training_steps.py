@@ -9,7 +9,6 @@ from lipnorm.training import base_config, build_model, create_train_state, make_
 from lipnorm.training.distributed import first_replica, replicate
 from lipnorm.training.steps import cross_entropy, make_steps
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 D = 4           # simulated devices (tests/conftest.py)
 PER_DEVICE = 4

@@ -54,11 +54,10 @@ def tiny_cli_flags(**changes) -> list[str]:
 
 def launch_train_py(flags, devices: int = 4, merge_stderr: bool = False
                     ) -> subprocess.Popen:
-  """`python train.py <flags>` with JAX set up like the test process (tests/conftest.py
-  and its fast_compiles fixture), so its numbers match in-process runs."""
+  """`python train.py <flags>` with JAX set up like the test process (tests/conftest.py),
+  so its numbers match in-process runs."""
   env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu",
-         "JAX_THREEFRY_PARTITIONABLE": "false", "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",
-         "PYTHONPATH": str(ROOT)}
+         "JAX_THREEFRY_PARTITIONABLE": "false", "PYTHONPATH": str(ROOT)}
   return subprocess.Popen(
       [sys.executable, str(ROOT / "train.py"), *flags], env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True)
