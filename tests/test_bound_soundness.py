@@ -36,6 +36,7 @@ def _explicit(model, v, xs):
 
 
 @pytest.mark.parametrize("norm,opts", NORMS)
+@pytest.mark.slow
 def test_bounds_sound_against_float64_explicit_jacobians(x64, norm, opts):
   """float64 relu_nets (random gain signs, kernels scaled 0.3-3x): every bound >= the
   float64 SVD of the explicit Jacobian at the data (and, for global-scope nets, at 200
@@ -60,6 +61,7 @@ def test_bounds_sound_against_float64_explicit_jacobians(x64, norm, opts):
     assert math.isfinite(rep.chain_bound)
 
 
+@pytest.mark.slow
 def test_chain_program_against_enumeration_and_exact_cases():
   """One relu junction: max over all 2^n patterns of ||A D B|| (the exact Lipschitz
   constant of x -> A relu(Bx) over patterns) <= chain_dp and ECLipsE-Fast <= ||A|| ||B||;
@@ -84,6 +86,7 @@ def test_chain_program_against_enumeration_and_exact_cases():
     assert best3 <= eclipse_fast([b, a, c]) * (1 + 1e-12), trial
 
 
+@pytest.mark.slow
 def test_sweep_has_no_violations_fast():
   """The harness on one random relu_net per normalizer (depth 2-4, width 8-16, BN eval
   with random running statistics, gains with random signs): 0 violations, certified <=
@@ -140,6 +143,7 @@ def test_local_bounds_sit_between_local_constant_and_global(x64, norm, opts):
       assert np.all(rep.raw <= rep.global_certified * (1 + 1e-9)), (radius, rep.raw)
 
 
+@pytest.mark.slow
 def test_local_bounds_on_a_cnn_and_bad_input():
   model = get_model("cnn", widths=(4, 8), convs_per_stage=1, num_classes=3, norm="batch")
   from lipschitz_testing import random_variables  # noqa: PLC0415

@@ -250,6 +250,7 @@ def _assert_same_finite_state(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_completed_run_with_corrupt_last_checkpoint_retrains_it(reference_run, tmp_path,
                                                                 caplog):
   ref_dir, ref = reference_run
@@ -266,6 +267,7 @@ def test_completed_run_with_corrupt_last_checkpoint_retrains_it(reference_run, t
   assert (workdir / CORRUPT_DIR / "8").is_dir()
 
 
+@pytest.mark.slow
 def test_unfinished_run_with_corrupt_last_checkpoint_resumes_older(reference_run, tmp_path):
   _, ref = reference_run
 

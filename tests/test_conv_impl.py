@@ -40,6 +40,7 @@ def _modules(spec, impl="matmul"):
 
 
 @pytest.mark.parametrize("name", sorted(ZOO_CONVS))
+@pytest.mark.slow
 def test_matmul_conv_equals_lax_in_values_and_gradients(name):
   spec = ZOO_CONVS[name]
   with enable_x64():
@@ -61,6 +62,7 @@ def test_matmul_conv_equals_lax_in_values_and_gradients(name):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_same_parameter_tree_and_initial_values_as_nn_conv():
   for name, spec in ZOO_CONVS.items():
     ours, ref = _modules(spec)
@@ -146,6 +148,7 @@ TINY_MODELS = {
 @pytest.mark.parametrize("name", [
     "cnn", "resnet18", pytest.param("resnet50", marks=pytest.mark.slow),
     pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_model_forward_and_gradient_with_matmul_equal_xla(name):
   kwargs, shape = TINY_MODELS[name]
   xla = get_model(name, conv_impl="xla", **kwargs)

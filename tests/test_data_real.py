@@ -19,6 +19,7 @@ def _cifar10(shared_data):
   return _load("cifar10", str(shared_data / "cifar10"))
 
 
+@pytest.mark.slow
 def test_cifar10_counts_balance_and_published_means(shared_data):
   s = _cifar10(shared_data)
   assert s.train_images.shape == (50000, 32, 32, 3) and s.test_images.shape == (10000, 32, 32, 3)
@@ -29,6 +30,7 @@ def test_cifar10_counts_balance_and_published_means(shared_data):
   assert s.class_names[:3] == ("airplane", "automobile", "bird")
 
 
+@pytest.mark.slow
 def test_cifar10_labels_match_the_archive_bytes_and_images_look_like_classes(shared_data):
   s = _cifar10(shared_data)
   archive = shared_data / "cifar10" / "cifar-10-binary.tar.gz"

@@ -9,6 +9,7 @@ MODULES = ["lipnorm.bn_modes", "lipnorm.models.norm_spec", "lipnorm.models.regis
 
 
 @pytest.mark.parametrize("name", MODULES)
+@pytest.mark.slow
 def test_docstring_examples(name):
   module = importlib.import_module(name)
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

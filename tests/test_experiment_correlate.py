@@ -75,6 +75,7 @@ def test_correlations_tau_and_granulated():
   assert h["n"] == 0 and math.isnan(h["tau"]) and math.isnan(h["psi"])
 
 
+@pytest.mark.slow
 def test_report_and_scatter_from_records(tmp_path):
   recs = []
   for i, r in enumerate(_synthetic_records()):     # two seeds of each net

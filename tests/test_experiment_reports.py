@@ -47,6 +47,7 @@ def _write_fake_run(tmp_path, norm):
 
 
 @pytest.mark.parametrize("norm", ["none", "batch"])
+@pytest.mark.slow
 def test_dynamics_writes_figures_and_summary(tmp_path, norm):
   _write_fake_run(tmp_path, norm)
   records = read_records(tmp_path)

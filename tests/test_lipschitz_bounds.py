@@ -49,6 +49,7 @@ def test_bound_is_sound_on_random_relu_nets(norm, opts):
       assert rep.product_bound >= rep.normalized_bound
 
 
+@pytest.mark.slow
 def test_bn_eval_factor_is_exact(x64):
   """BN in eval mode: Lip = max_j |gamma_j| / sqrt(var_j + eps) exactly (autodiff of the
   layer alone, and the bound report's entry)."""
@@ -111,6 +112,7 @@ CONV_NETS = [("cnn", dict(widths=(4, 8), convs_per_stage=2), (8, 8, 3)),
 
 @pytest.mark.parametrize("name,kwargs,shape", CONV_NETS)
 @pytest.mark.parametrize("norm", ["none", "batch", "layer"])
+@pytest.mark.slow
 def test_bound_is_sound_on_random_conv_nets(name, kwargs, shape, norm):
   """CNN (avg-pool and strided), ResNet (identity and projection shortcuts, CIFAR and
   ImageNet stems with the overlapping max pool): eval mode, 4 seeds."""

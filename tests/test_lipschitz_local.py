@@ -38,6 +38,7 @@ def _reference_fn(model, v, xs, bn_mode):
 
 
 @pytest.mark.parametrize("norm,opts,bn_mode", CONFIGS)
+@pytest.mark.slow
 def test_input_lipschitz_matches_explicit_svd(x64, norm, opts, bn_mode):
   model, v = _net(norm, opts)
   xs = jax.random.normal(jax.random.key(1), (5, 6), jnp.float64)
@@ -50,6 +51,7 @@ def test_input_lipschitz_matches_explicit_svd(x64, norm, opts, bn_mode):
   np.testing.assert_allclose(np.asarray(it.value), ref, rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_every_method_and_chunking_agree(x64):
   model, v = _net("layer", None, seed=3)
   xs = jax.random.normal(jax.random.key(2), (5, 6), jnp.float64)
@@ -92,6 +94,7 @@ def test_batch_fixed_against_handwritten_jacobian(x64):
 
 @pytest.mark.parametrize("norm,opts,bn_mode,iterative", [
     CONFIGS[0] + (False,), CONFIGS[1] + (True,), CONFIGS[6] + (False,)])
+@pytest.mark.slow
 def test_param_lipschitz_matches_explicit_svd(x64, norm, opts, bn_mode, iterative):
   model, v = _net(norm, opts, seed=1, depth=3)
   xs = jax.random.normal(jax.random.key(4), (3, 6), jnp.float64)
@@ -162,6 +165,7 @@ def test_auto_uses_reverse_mode_for_cifar_input():
   assert input_lipschitz(model, v, xs).method == "jacrev"
 
 
+@pytest.mark.slow
 def test_bad_input():
   model = get_model("relu_net", depth=3, width=8, num_classes=3, norm="batch")
   xs = jax.random.normal(jax.random.key(0), (4, 6))
@@ -190,6 +194,7 @@ CNN_NORMS = [("none", None, None, False), ("batch", None, "eval", False),
 
 
 @pytest.mark.parametrize("norm,opts,bn_mode,iterative", CNN_NORMS)
+@pytest.mark.slow
 def test_cnn_input_lipschitz_matches_explicit_svd(x64, norm, opts, bn_mode, iterative):
   model, v = f64_model(get_model, "cnn", key=2, input_shape=(6, 6, 2), widths=(4, 4),
                        convs_per_stage=1, num_classes=3, norm=norm, norm_options=opts,
@@ -212,6 +217,7 @@ def test_auto_never_uses_forward_mode_for_a_cifar_resnet():
   assert res.method == "jacrev" and res.value.shape == (1,)
 
 
+@pytest.mark.slow
 def test_param_lipschitz_of_a_cnn_matches_explicit_svd(x64):
   """Conv kernels (per-leaf VJP rows) and the Dense head (activation x cotangent Gram)
   together, against the float64 SVD of the explicitly formed parameter Jacobian."""

@@ -44,6 +44,7 @@ CASES = [  # (in_shape, cout, kernel, strides, padding, groups)
 
 
 @pytest.mark.parametrize("in_shape,cout,ksize,strides,padding,groups", CASES)
+@pytest.mark.slow
 def test_conv_norm_matches_explicit_matrix(in_shape, cout, ksize, strides, padding, groups):
   rng = np.random.default_rng(sum(in_shape) + cout)
   kernel = rng.normal(size=(*ksize, in_shape[2] // groups, cout)).astype(np.float32)
@@ -61,6 +62,7 @@ def test_conv_norm_matches_explicit_matrix(in_shape, cout, ksize, strides, paddi
   assert it.estimate <= ref * (1 + 1e-6) and it.upper >= ref * (1 - 1e-12)
 
 
+@pytest.mark.slow
 def test_certified_conv_bounds_are_sound_on_random_layers():
   rng = np.random.default_rng(0)
   checked = 0
@@ -106,6 +108,7 @@ def test_dense_norm_and_he_init_sanity():
   assert abs(dense_operator_norm(he).estimate / (2 * math.sqrt(2)) - 1) < 0.05
 
 
+@pytest.mark.slow
 def test_pool_norms():
   # non-overlapping k x k average: 1/k; global average over P positions: 1/sqrt(P)
   avg = pool_operator_norm(st.Pool("avg", (2, 2), (2, 2), "VALID"), (6, 6, 3))
@@ -167,6 +170,7 @@ def test_top_eigenvalue_cholesky_certificate_is_sound_and_tight():
     assert ref <= top <= ref * (1 + 1e-8), (chunk, candidates, top / ref - 1)
 
 
+@pytest.mark.slow
 def test_conv_matrix_needs_no_identity_of_the_input():
   """48x48x8 -> stride 2 -> 1 channel: eye(input_dim) would need 1.3 GB in float32; the
   matrix itself (576 x 18432) is built from the 576 output rows, and equals the conv."""
@@ -210,6 +214,7 @@ def test_layer_operator_norms_of_a_cnn_certified_only():
     layer_operator_norms(model, v, input_shape=(8, 8, 3), workers=0)
 
 
+@pytest.mark.slow
 def test_lanczos_warm_start_from_a_previous_vector():
   """A previous result's `vector` as `start` on slightly changed weights: the same
   value (vs the explicit matrix) in fewer iterations; convergence is reported."""

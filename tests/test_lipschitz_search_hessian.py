@@ -14,6 +14,7 @@ from lipschitz_testing import f64_model, random_variables, x64  # noqa: F401
 
 
 @pytest.mark.parametrize("norm,gradient", [("none", "smoothed"), ("layer", "autodiff")])
+@pytest.mark.slow
 def test_search_is_a_valid_sound_lower_bound(norm, gradient):
   model = get_model("relu_net", depth=3, width=12, num_classes=4, norm=norm)
   xs = jax.random.normal(jax.random.key(0), (6, 5))
@@ -31,6 +32,7 @@ def test_search_is_a_valid_sound_lower_bound(norm, gradient):
   assert float(res.value) <= rep.normalized_bound * (1 + 1e-5)
 
 
+@pytest.mark.slow
 def test_search_improves_and_respects_constraints():
   """From the same start, a piecewise-linear net's local constant goes up (smoothed
   ascent), and the ball / box constraints hold."""
@@ -50,6 +52,7 @@ def test_search_improves_and_respects_constraints():
     lower_bound_search(model, v, xs, box=(1.0, -1.0))
 
 
+@pytest.mark.slow
 def test_hessian_top_eigenvalues_match_explicit_hessian(x64):
   model, v = f64_model(get_model, "relu_net", input_shape=(5,), depth=3, width=6,
                        num_classes=3, norm="layer", activation="tanh")
@@ -80,6 +83,7 @@ def test_hessian_top_eigenvalues_match_explicit_hessian(x64):
     hessian_top_eigenvalues(loss, v["params"], (xs * jnp.nan, ys))
 
 
+@pytest.mark.slow
 def test_search_stays_in_ball_and_box_when_starts_lie_outside_the_box():
   """Clipping a ball projection leaves the ball when the start is outside the box; the
   exact projection onto their intersection does not. An empty intersection is refused."""

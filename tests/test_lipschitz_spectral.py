@@ -31,6 +31,7 @@ def _pytree_fn(seed, n_in, n_out):
 
 
 @pytest.mark.parametrize("n_in,n_out", [(5, 30), (12, 3)])
+@pytest.mark.slow
 def test_methods_match_explicit_svd(x64, n_in, n_out):
   f, f_flat, x = _pytree_fn(n_in, n_in, n_out)
   flat = jnp.concatenate([x["u"], x["w"].ravel()])
@@ -43,6 +44,7 @@ def test_methods_match_explicit_svd(x64, n_in, n_out):
   assert jacobian_spectral_norm(f, x).method == ("jacfwd" if n_in <= n_out + 1 else "jacrev")
 
 
+@pytest.mark.slow
 def test_iterative_report_convergence_and_stop_at_tolerance(x64):
   """A loose tolerance stops early and still lands within a few tol of the truth; the
   reported residual / relative change describe the returned estimate."""
@@ -62,6 +64,7 @@ def test_iterative_report_convergence_and_stop_at_tolerance(x64):
   assert float(capped.rel_change) > 0
 
 
+@pytest.mark.slow
 def test_lanczos_and_power_top_k_of_symmetric_matrix(x64):
   rng = np.random.default_rng(0)
   q, _ = np.linalg.qr(rng.normal(size=(40, 40)))
@@ -80,6 +83,7 @@ def test_lanczos_and_power_top_k_of_symmetric_matrix(x64):
   np.testing.assert_allclose(float(pw.eigenvalues[0]), 9.0, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_vmappable_and_jittable(x64):
   a = jnp.asarray(np.random.default_rng(1).normal(size=(4, 6)))
   xs = jnp.asarray(np.random.default_rng(2).normal(size=(3, 6)))
@@ -99,6 +103,7 @@ def test_auto_choice():
   assert choose_method(3072, 10, max_jacobian_bytes=1000) == "lanczos"
 
 
+@pytest.mark.slow
 def test_bad_input():
   f = lambda x: x ** 2   # noqa: E731
   with pytest.raises(ValueError, match="method='svd'.*allowed: auto"):

@@ -65,6 +65,7 @@ def _norm_paths_with_params(params) -> set[tuple[str, ...]]:
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.slow
 def test_model_x_normalizer(name, norm):
   kwargs, x_shape = TINY[name]
   model = get_model(name, norm=norm, **kwargs)
@@ -183,6 +184,7 @@ PARAM_COUNTS = [
 
 
 @pytest.mark.parametrize("name,kwargs,size,count", PARAM_COUNTS)
+@pytest.mark.slow
 def test_full_size_parameter_counts_and_structure(name, kwargs, size, count):
   model = get_model(name, norm="batch", **kwargs)
   x_shape = (1, size, size, 3)
@@ -237,6 +239,7 @@ def test_resnet18_cifar_layout():
   assert not list(st.iter_nodes(structure, (st.Pool,)))[:-1]   # only the global pool
 
 
+@pytest.mark.slow
 def test_resnet_imagenet_stem_and_bottleneck():
   model = get_model("resnet50", stem="imagenet", num_classes=1000)
   calls = _layer_calls(model, (1, 224, 224, 3))
@@ -265,6 +268,7 @@ def test_resnet_unnormalized_convs_have_biases():
   assert "batch_stats" not in none
 
 
+@pytest.mark.slow
 def test_efficientnet_b3_matches_the_published_architecture():
   model = get_model("efficientnet_b3")
   assert (model.width_coefficient, model.depth_coefficient, model.dropout_rate) == (
@@ -320,6 +324,7 @@ def test_squeeze_excite_matches_numpy():
   np.testing.assert_allclose(y, x * g[:, None, None, :], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_stochastic_depth_drops_whole_examples():
   ctx = ConvNormContext(frozenset(), get_normalizer("none"), False, True,
                         nn.initializers.he_normal(), jnp.float32)
@@ -373,6 +378,7 @@ def _all_convs_with_slots(name, kwargs, x_shape):
   return [calls[i - 1][1] for i, c in enumerate(calls) if c[0] == "norm"]
 
 
+@pytest.mark.slow
 def test_groupnorm_default_groups_and_bad_num_groups():
   model = get_model("efficientnet_b0", norm="group")
   x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
@@ -465,6 +471,7 @@ def test_relu_net_refuses_single_feature_groups(kwargs):
 # hashability: models are jit static arguments
 
 @pytest.mark.parametrize("name", ["relu_net", *TINY])
+@pytest.mark.slow
 def test_models_are_hashable_and_static_jit_arguments(name):
   kwargs, x_shape = TINY.get(name, (dict(depth=3, width=8), (2, 5)))
   make = lambda: get_model(name, norm="group", norm_layers=[0, 1],  # noqa: E731
@@ -503,6 +510,7 @@ def test_norm_spec_and_direct_construction():
     get_model("relu_net", norm=NormSpec("batch"), norm_layers=1)
 
 
+@pytest.mark.slow
 def test_bn_axis_name_syncs_statistics_and_keeps_the_parameters():
   """Training passes `bn_axis_name`: same variables, batch statistics over the axis."""
   model = get_model("relu_net", depth=2, width=6, num_classes=3, norm="batch")

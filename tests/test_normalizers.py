@@ -95,6 +95,7 @@ def _close(a, b, rtol=2e-5, atol=2e-5):
 # BatchNorm
 
 @pytest.mark.parametrize("layout", list(SHAPES))
+@pytest.mark.slow
 def test_batchnorm_train_mode_uses_batch_statistics(layout):
   x = _input(SHAPES[layout])
   c = x.shape[-1]
@@ -119,6 +120,7 @@ def test_batchnorm_train_mode_uses_batch_statistics(layout):
 
 
 @pytest.mark.parametrize("layout", list(SHAPES))
+@pytest.mark.slow
 def test_batchnorm_eval_mode_uses_running_statistics(layout):
   x = _input(SHAPES[layout])
   c = x.shape[-1]
@@ -156,6 +158,7 @@ def test_batchnorm_init_does_not_move_running_statistics():
                               {"mean": jnp.zeros(12), "var": jnp.ones(12)})
 
 
+@pytest.mark.slow
 def test_batchnorm_axis_name_gives_global_batch_statistics():
   devices = jax.local_devices()
   assert len(devices) == 4, "tests/conftest.py provides 4 simulated CPU devices"
@@ -237,6 +240,7 @@ def test_rmsnorm_matches_numpy(layout):
   assert set(get_normalizer("rms")().init(jax.random.key(0), x)["params"]) == {"scale"}
 
 
+@pytest.mark.slow
 def test_layernorm_local_lipschitz_is_below_the_factor():
   """||J N(u)||_2 <= max|gamma| / sqrt(var(u) + eps) at u (docs/theory.md#normalizer-factor)."""
   x = _input((1, 12))

@@ -62,6 +62,7 @@ def test_training_with_probes_ends_with_the_same_parameters(tmp_path):
   assert all(jax.tree.leaves(bs_equal))
 
 
+@pytest.mark.slow
 def test_hooks_report_the_prober_values_and_strip_the_pmap_axis():
   model = get_model("relu_net", depth=3, width=8, norm="batch", bn_axis_name="batch")
   x = jax.random.normal(jax.random.key(0), (16, 5))
@@ -89,6 +90,7 @@ def test_hooks_report_the_prober_values_and_strip_the_pmap_axis():
     LipschitzHook(plain, 1, num_classes=10, num_examples=0)
 
 
+@pytest.mark.slow
 def test_hooks_compile_once_and_reuse_it_at_later_probes():
   """The first probe compiles; later probes of new weights (same shapes) trace and
   compile nothing: every jitted core is cached across calls, keyed on the (hashable)

@@ -87,6 +87,7 @@ def _np_probe(variables, x, depth, kind, batch_mode, groups):
 @pytest.mark.parametrize("kind,batch_mode", [
     ("batch", False), ("batch", True), ("layer", False), ("group", False),
     ("rms", False), ("none", False)])   # instance on a dense net is refused (test_models)
+@pytest.mark.slow
 def test_probes_match_numpy_forward_pass(kind, batch_mode):
   depth, width, groups = 4, 8, 2
   opts = {"num_groups": groups} if kind == "group" else {}
@@ -141,6 +142,7 @@ class _TinyConvNet(nn.Module):
                   st.Activation("relu"), st.Pool("global_avg"), st.Linear(("head",)))
 
 
+@pytest.mark.slow
 def test_conv_probes_reduce_over_batch_and_positions():
   model = _TinyConvNet()
   x = jax.random.normal(jax.random.key(3), (5, 6, 6, 2))
@@ -185,6 +187,7 @@ def conv_matrix(kernel, in_shape, strides):
   return np.asarray(jax.jacfwd(f)(jnp.zeros(int(np.prod(in_shape)))), np.float64)
 
 
+@pytest.mark.slow
 def test_spectral_norms_match_svd_of_the_explicit_linear_maps():
   """Dense: SVD of the kernel; conv: SVD of the conv map's matrix formed by autodiff at
   the layer's input size (6x6x2, SAME padding; 3x3x4 with stride 2 for conv_1)."""
@@ -202,6 +205,7 @@ def test_spectral_norms_match_svd_of_the_explicit_linear_maps():
   np.testing.assert_allclose(p.linear["cumprod_spectral"], np.cumprod(ref), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_spectral_probes_warm_start_lanczos_from_the_previous_probe(monkeypatch):
   """conv_0 at 12x12x4 (576 inputs and outputs, above the explicit-matrix size) gets a
   Lanczos estimate; the next probe starts it from the last top singular vector and still

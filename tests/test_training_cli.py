@@ -31,12 +31,14 @@ def _one_error_line(code: int, out: str, err: str) -> str:
   return lines[0]
 
 
+@pytest.mark.slow
 def test_help_exits_0():
   code, out, err = _train_py("--help")
   assert code == 0, err
   assert "Exit codes" in out and "model.norm_options.num_groups" in out
 
 
+@pytest.mark.slow
 def test_bad_flags_are_one_line_exit_2(tmp_path):
   (tmp_path / "afile").write_text("x")
   default = f"--config={CONFIGS / 'default.py'}"

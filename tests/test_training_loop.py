@@ -50,6 +50,7 @@ def full_run(tmp_path_factory):
   return workdir, summary
 
 
+@pytest.mark.slow
 def test_outputs_and_metrics_format(full_run):
   tmp_path, summary = full_run
   assert summary["status"] == "completed" and summary["step"] == 8
@@ -74,6 +75,7 @@ def test_outputs_and_metrics_format(full_run):
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [0, 4, 8]
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical(full_run, tmp_path):
   config = tiny_config(**{"probes.batch_size": 5})
   part = train(config, str(tmp_path),
@@ -120,6 +122,7 @@ def test_divergence_stops_keeps_last_finite_checkpoint(tmp_path):
   assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
 
 
+@pytest.mark.slow
 def test_workdir_with_other_config_is_refused_unless_overridden(full_run, tmp_path):
   from lipnorm.training import ConfigError
   shutil.copytree(full_run[0], tmp_path / "w")
@@ -148,6 +151,7 @@ def test_summary_has_every_field_and_hook_time(full_run):
   assert 0 < summary["probe_time_share"] < 1
 
 
+@pytest.mark.slow
 def test_probe_time_share_is_measured_around_hook_calls(tmp_path):
   import time
 
@@ -176,6 +180,7 @@ def test_rerunning_a_completed_run_changes_nothing(full_run, tmp_path):
   assert summary["probes"]["norms"]["step"] == 8 and summary["steps_per_sec"] > 0
 
 
+@pytest.mark.slow
 def test_resumed_summary_keeps_earlier_probes(tmp_path):
   config = tiny_config(**{"probes.batch_size": 5})
   calls = []
@@ -192,6 +197,7 @@ def test_resumed_summary_keeps_earlier_probes(tmp_path):
       "step": 3, "value": 3.0}
 
 
+@pytest.mark.slow
 def test_workdir_must_be_a_writable_directory(tmp_path):
   from lipnorm.training import ConfigError
   (tmp_path / "afile").write_text("x")
@@ -207,6 +213,7 @@ def test_workdir_must_be_a_writable_directory(tmp_path):
     train(tiny_config(), str(ro), interactive=False)
 
 
+@pytest.mark.slow
 def test_sigterm_before_the_loop_stops_at_the_first_boundary(tmp_path):
   """A preemption that arrives while the run is still being built (or compiling) is not
   lost or fatal: the run checkpoints and stops at its first step boundary."""

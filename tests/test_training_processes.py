@@ -32,6 +32,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_unknown_config_key_fails_in_one_line(tmp_path):
   code, out = _finish(_launch(tiny_cli_flags() + [f"--workdir={tmp_path}",
                                                   "--config.optimizer.momemtum=0.5"], 1), 120)

@@ -64,6 +64,7 @@ def _assert_replicas_identical(tree):
       np.testing.assert_array_equal(arr[d], arr[0])
 
 
+@pytest.mark.slow
 def test_global_bn_matches_single_device_on_global_batch():
   config, batch = _config("global"), _global_batch()
   host_state, new_state, metrics = _pmap_step(config, batch)
@@ -77,6 +78,7 @@ def test_global_bn_matches_single_device_on_global_batch():
   np.testing.assert_allclose(np.asarray(metrics["loss"]), float(loss), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_per_device_bn_averages_shard_statistics():
   config, batch = _config("per_device"), _global_batch()
   host_state, new_state, metrics = _pmap_step(config, batch)
@@ -100,6 +102,7 @@ def test_per_device_bn_averages_shard_statistics():
   assert np.all(var_gl > var_pd + 1e-3)
 
 
+@pytest.mark.slow
 def test_gradients_are_global_batch_gradients_without_bn():
   config, batch = _config("global", norm="layer"), _global_batch()
   host_state, new_state, metrics = _pmap_step(config, batch)
