@@ -424,6 +424,97 @@ def eclipse_fast(matrices: Sequence[np.ndarray], margin: float = 1e-6) -> float:
   return math.sqrt(max(top, 0.0)) * (1 + margin)
 
 
+def _linear_map(layer: st.Linear, params: Mapping, calls: Mapping, max_dim: int
+                ) -> tuple[np.ndarray, np.ndarray, tuple]:
+  """A dense / conv node as (matrix [out, in], bias [out], output shape), float64."""
+  p = model_info.get_at(params, layer.path) or {}
+  kernel = np.asarray(p["kernel"], np.float64)
+  call = calls.get(layer.path)
+  if call is None:
+    raise NotAChain(f"{'/'.join(layer.path)} was never called")
+  shape = tuple(call.in_shape[1:])
+  bias = p.get("bias")
+  if layer.kind == "dense":
+    if len(shape) != 1:
+      raise NotAChain("dense map on a feature map")
+    b = np.zeros(kernel.shape[1]) if bias is None else np.asarray(bias, np.float64)
+    return kernel.T, b, (kernel.shape[1],)
+  geom = ConvGeometry.make(shape[:2], kernel.shape[:2], layer.strides, layer.padding)
+  out = math.prod(geom.out_hw) * kernel.shape[3]
+  if out > max_dim:
+    raise NotAChain(f"conv {'/'.join(layer.path)} has {out} outputs > max_dim")
+  mat = conv_matrix(kernel, geom, layer.feature_group_count)
+  b = np.zeros(out) if bias is None else np.tile(np.asarray(bias, np.float64),
+                                                 math.prod(geom.out_hw))
+  return mat, b, (*geom.out_hw, kernel.shape[3])
+
+
+def _avg_pool_map(layer: st.Pool, shape: tuple) -> tuple[np.ndarray, tuple]:
+  """An average / global-average pooling node as (matrix [out, in], output shape)."""
+  h, w, ch = shape
+  if layer.kind == "global_avg":
+    return np.tile(np.eye(ch), (1, h * w)) / (h * w), (ch,)
+  window = tuple(layer.window)
+  geom = ConvGeometry.make((h, w), window, tuple(layer.strides) or window, layer.padding)
+  # ones (exact in float32), then the float64 division
+  mat = conv_matrix(np.ones((*window, 1, ch), np.float32), geom, ch) / math.prod(window)
+  return mat, (*geom.out_hw, ch)
+
+
+def _norm_junction(layer: st.Norm, call, shape: tuple, stats: Optional[Mapping]
+                   ) -> Junction:
+  """The junction of a per-sample normalizer (LN / GN / IN / RMS) on `shape`: its
+  groups, whether it centers, and phi = 1 / min sigma over the data scope (inf without
+  `stats`)."""
+  if layer.kind not in PER_SAMPLE_NORMS:
+    raise NotAChain(f"normalizer kind {layer.kind!r}")
+  n, ch = math.prod(shape), shape[-1]
+  module = call.module if call is not None else None
+  if layer.kind == "rms":
+    n_groups = 1
+  elif hasattr(module, "groups_for"):
+    n_groups = module.groups_for(ch)
+  else:
+    raise NotAChain(f"cannot tell the groups of {'/'.join(layer.path)}")
+  groups = np.tile(np.arange(ch) // (ch // n_groups), n // ch)
+  phi = math.inf
+  if stats is not None and layer.path in stats:
+    phi = 1.0 / math.sqrt(float(np.min(stats[layer.path])) + layer.epsilon)
+  return Junction("norm", layer.path, n, 0.0, 0.0, layer.kind, groups,
+                  layer.kind != "rms", phi, layer.epsilon)
+
+
+class _ChainBuilder:
+  """Accumulates the affine segments of a chain between its junctions (activations and
+  per-sample normalizers): `mats[i]`, `biases[i]` map junction i's output (the input for
+  i = 0) to junction i+1's input; None stands for the identity until it is needed."""
+
+  def __init__(self, size: int, max_dim: int):
+    self.max_dim = max_dim
+    self.mats: list = [None]
+    self.biases: list = [np.zeros(size)]
+    self.sizes: list = [size]
+    self.junctions: list = []
+
+  def push(self, mat: np.ndarray, bias: np.ndarray) -> None:
+    """Composes an affine map onto the current segment."""
+    if mat.shape[0] > self.max_dim:
+      raise NotAChain(f"a map with {mat.shape[0]} outputs > max_dim={self.max_dim}")
+    self.biases[-1] = mat @ self.biases[-1] + bias
+    self.mats[-1] = mat if self.mats[-1] is None else mat @ self.mats[-1]
+
+  def junction(self, j: Junction, mat: Optional[np.ndarray], bias: np.ndarray) -> None:
+    """Ends the current segment at junction `j`; the next one starts with (mat, bias)."""
+    self.junctions.append(j)
+    self.mats.append(mat)
+    self.biases.append(bias)
+    self.sizes.append(j.size)
+
+  def bound(self, input_size: int) -> "ChainBound":
+    mats = [np.eye(n) if m is None else m for m, n in zip(self.mats, self.sizes)]
+    return ChainBound(tuple(mats), tuple(self.biases), tuple(self.junctions), input_size)
+
+
 def build_chain(node: st.Node, variables: Mapping, calls: Mapping, input_shape: tuple,
                 bn_mode: str, stats: Optional[Mapping],
                 max_dim: int = DEFAULT_CHAIN_MAX_DIM) -> ChainBound:
@@ -436,104 +527,43 @@ def build_chain(node: st.Node, variables: Mapping, calls: Mapping, input_shape: 
   size = math.prod(shape)
   if size > max_dim:
     raise NotAChain(f"input of {size} entries > max_dim={max_dim}")
-  mats: list = [None]             # None: the identity (not formed until needed)
-  biases: list = [np.zeros(size)]
-  sizes: list = [size]
-  junctions: list = []
-
-  def push(mat, bias):
-    if mat.shape[0] > max_dim:
-      raise NotAChain(f"a map with {mat.shape[0]} outputs > max_dim={max_dim}")
-    biases[-1] = mat @ biases[-1] + bias
-    mats[-1] = mat if mats[-1] is None else mat @ mats[-1]
-
+  chain = _ChainBuilder(size, max_dim)
   for layer in layers:
     if isinstance(layer, st.Flatten):
       shape = (math.prod(shape),)
     elif isinstance(layer, st.Linear):
-      p = model_info.get_at(params, layer.path) or {}
-      kernel = np.asarray(p["kernel"], np.float64)
-      call = calls.get(layer.path)
-      if call is None:
-        raise NotAChain(f"{'/'.join(layer.path)} was never called")
-      shape = tuple(call.in_shape[1:])
-      bias = p.get("bias")
-      if layer.kind == "dense":
-        if len(shape) != 1:
-          raise NotAChain("dense map on a feature map")
-        mat, shape = kernel.T, (kernel.shape[1],)
-        b = np.zeros(kernel.shape[1]) if bias is None else np.asarray(bias, np.float64)
-      else:
-        geom = ConvGeometry.make(shape[:2], kernel.shape[:2], layer.strides, layer.padding)
-        out = math.prod(geom.out_hw) * kernel.shape[3]
-        if out > max_dim:
-          raise NotAChain(f"conv {'/'.join(layer.path)} has {out} outputs > max_dim")
-        mat = conv_matrix(kernel, geom, layer.feature_group_count)
-        shape = (*geom.out_hw, kernel.shape[3])
-        b = np.zeros(out) if bias is None else np.tile(np.asarray(bias, np.float64),
-                                                       math.prod(geom.out_hw))
-      push(mat, b)
+      mat, bias, shape = _linear_map(layer, params, calls, max_dim)
+      chain.push(mat, bias)
     elif isinstance(layer, st.Norm):
+      if layer.kind == "none":
+        continue
       call = calls.get(layer.path)
       shape = tuple(call.in_shape[1:]) if call is not None else shape
       n, ch = math.prod(shape), shape[-1]
       p = model_info.get_at(params, layer.path) or {}
-      beta = p.get("bias")
-      beta = np.zeros(ch) if beta is None else np.asarray(beta, np.float64)
-      if layer.kind == "none":
-        continue
-      if layer.kind == "batch":
+      beta = np.zeros(ch) if p.get("bias") is None else np.asarray(p["bias"], np.float64)
+      if layer.kind == "batch":     # eval mode: an affine map, folded into the segment
         if bn_mode != "eval":
           raise NotAChain("chain bounds take BN in eval mode only")
         s = norm_channel_scale(layer, variables, bn_mode, stats)
         mean = np.asarray(model_info.get_at(variables["batch_stats"], layer.path + ("mean",)),
                           np.float64)
-        push(np.diag(tile_scale(s, n)), tile_scale(beta - mean * s, n))
+        chain.push(np.diag(tile_scale(s, n)), tile_scale(beta - mean * s, n))
         continue
-      if layer.kind not in PER_SAMPLE_NORMS:
-        raise NotAChain(f"normalizer kind {layer.kind!r}")
-      module = call.module if call is not None else None
-      if layer.kind == "rms":
-        n_groups = 1
-      elif hasattr(module, "groups_for"):
-        n_groups = module.groups_for(ch)
-      else:
-        raise NotAChain(f"cannot tell the groups of {'/'.join(layer.path)}")
-      groups = np.tile(np.arange(ch) // (ch // n_groups), n // ch)
-      phi = math.inf
-      if stats is not None and layer.path in stats:
-        phi = 1.0 / math.sqrt(float(np.min(stats[layer.path])) + layer.epsilon)
-      junctions.append(Junction("norm", layer.path, n, 0.0, 0.0, layer.kind, groups,
-                                layer.kind != "rms", phi, layer.epsilon))
+      j = _norm_junction(layer, call, shape, stats)
       gamma = norm_channel_scale(layer, variables, bn_mode, stats)
       gamma = np.ones(ch) if gamma is None else gamma
-      mats.append(np.diag(tile_scale(gamma, n)))
-      biases.append(tile_scale(beta, n))
-      sizes.append(n)
+      chain.junction(j, np.diag(tile_scale(gamma, n)), tile_scale(beta, n))
     elif isinstance(layer, st.Activation):
       lo, hi = activation_slopes(layer)
       n = math.prod(shape)
-      junctions.append(Junction("act", (), n, lo, hi, layer.name))
-      mats.append(None)
-      biases.append(np.zeros(n))
-      sizes.append(n)
+      chain.junction(Junction("act", (), n, lo, hi, layer.name), None, np.zeros(n))
     elif isinstance(layer, st.Pool) and layer.kind in ("avg", "global_avg"):
-      h, w, ch = shape
-      if layer.kind == "global_avg":
-        mat = np.tile(np.eye(ch), (1, h * w)) / (h * w)
-        shape = (ch,)
-      else:
-        window = tuple(layer.window)
-        geom = ConvGeometry.make((h, w), window, tuple(layer.strides) or window,
-                                 layer.padding)
-        # ones (exact in float32), then the float64 division
-        mat = conv_matrix(np.ones((*window, 1, ch), np.float32), geom, ch) / math.prod(window)
-        shape = (*geom.out_hw, ch)
-      push(mat, np.zeros(mat.shape[0]))
+      mat, shape = _avg_pool_map(layer, shape)
+      chain.push(mat, np.zeros(mat.shape[0]))
     else:
       raise NotAChain(f"{type(layer).__name__} node (not a plain chain)")
-  mats = [np.eye(n) if m is None else m for m, n in zip(mats, sizes)]
-  return ChainBound(tuple(mats), tuple(biases), tuple(junctions), size)
+  return chain.bound(size)
 
 
 # ---------------------------------------------------------------------- local bounds
