@@ -165,7 +165,8 @@ def _aggregate_runs(runs: list[dict], config, out: pathlib.Path) -> dict[str, An
   return summary
 
 
-def _run_one(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _check_and_train(config: ml_collections.ConfigDict) -> None:
+  """Validates `config` and, with `train_enabled`, trains (or resumes) its workdir."""
   if config.train_enabled:
     if not (config.workdir or config.out_dir):
       raise ValueError("dynamics: train_enabled needs workdir or out_dir")
@@ -180,37 +181,41 @@ def _run_one(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if config.weight_norm not in ("auto", "spectral", "frobenius"):
     raise ValueError(f"dynamics: weight_norm={config.weight_norm!r}; allowed: auto, "
                      f"spectral, frobenius")
-  out = pathlib.Path(config.out_dir or pathlib.Path(config.workdir) / "dynamics")
-  out.mkdir(parents=True, exist_ok=True)
-  records = read_records(config.workdir)
-  title = config.title or pathlib.Path(config.workdir).name
-  wanted = config.weight_norm
+
+
+def _weight_series(records, weight_norm: str, workdir: str):
+  """(steps [T], norms [T, L], "spectral" | "frobenius"): spectral norms for "auto" when
+  at least 3 probes have them, else Frobenius."""
+  wanted = weight_norm
   if wanted == "auto":
     spectral_steps = {r["step"] for r in records
                       if r.get("kind") == "probe" and "weight_spectral" in r}
     wanted = "spectral" if len(spectral_steps) >= 3 else "frobenius"
   wkey = first_key(records, "probe", [f"weight_{wanted}", "weight_frobenius"])
   if wkey is None:
-    raise ValueError(f"{config.workdir}: no probe records with weight norms")
+    raise ValueError(f"{workdir}: no probe records with weight norms")
   wsteps, wnorms = series(records, "probe", wkey)
-  which = wkey.split("_", 1)[1]
-  product = np.prod(wnorms, axis=1)           # over all layers, not only those shown
-  vsteps, variances, vdesc = variance_series(records, config.bn_mode)
-  cum = np.cumprod(variances, axis=1)
-  m = config.max_layers
+  return wsteps, wnorms, wkey.split("_", 1)[1]
 
+
+def _fig1_weights(path, records, title, wsteps, wnorms, which, m):
+  """Figure 1: weight norm per layer, their product over all layers, accuracy."""
   fig, ax = plots.figure(3)
   plots.layer_lines(ax[0], wsteps, wnorms[:, :m], title=f"{title}: {which} norm per layer",
                     ylabel=f"||W_l|| ({which})")
-  plots.lines(ax[1], wsteps, {"product": product}, title="product of all weight norms",
-              xlabel="step", ylabel="prod_l ||W_l||")
+  plots.lines(ax[1], wsteps, {"product": np.prod(wnorms, axis=1)},
+              title="product of all weight norms", xlabel="step", ylabel="prod_l ||W_l||")
   acc = {kind: series(records, kind, ACCURACY) for kind in ("train", "eval")
          if has_key(records, kind, ACCURACY)}   # the run log's one accuracy key
   plots.lines(ax[2], {k: v[0] for k, v in acc.items()}, {k: v[1] for k, v in acc.items()},
               title="accuracy", xlabel="step", ylabel="accuracy", log=False,
               styles={"eval": "o--"})
-  files = [plots.save(fig, out / "fig1_weights.png")]
+  return plots.save(fig, path)
 
+
+def _fig2_variances(path, title, vsteps, variances, cum, m):
+  """Figure 2: input variance per layer, its cumulative product over layers in time and
+  against depth at a few steps."""
   fig, ax = plots.figure(3)
   plots.layer_lines(ax[0], vsteps, variances[:, :m], title=f"{title}: input variance",
                     ylabel="sigma^2 (mean over groups)")
@@ -222,17 +227,36 @@ def _run_one(config: ml_collections.ConfigDict) -> dict[str, Any]:
               {f"step {vsteps[i]}": cum[i] for i in shown},
               title="cumulative product vs depth", xlabel="layer l", ylabel="prod sigma^2",
               markers=True)
-  files.append(plots.save(fig, out / "fig2_variances.png"))
+  return plots.save(fig, path)
 
-  sel_w = _select(wnorms.shape[1], config.select_layers)
-  sel_v = _select(variances.shape[1], config.select_layers)
+
+def _fig3_selected(path, title, wsteps, wnorms, which, vsteps, variances, n_select):
+  """Figure 3: weight norms and input variances of a few evenly spread layers."""
+  sel_w = _select(wnorms.shape[1], n_select)
+  sel_v = _select(variances.shape[1], n_select)
   fig, ax = plots.figure(2)
   plots.layer_lines(ax[0], wsteps, wnorms[:, sel_w], title=f"{title}: weight norms",
                     ylabel=f"||W_l|| ({which})", labels=[f"layer {j + 1}" for j in sel_w])
   plots.layer_lines(ax[1], vsteps, variances[:, sel_v], title="input variances",
                     ylabel="sigma^2", labels=[f"layer {j + 1}" for j in sel_v])
-  files.append(plots.save(fig, out / "fig3_selected_layers.png"))
+  return plots.save(fig, path)
 
+
+def _run_one(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  _check_and_train(config)
+  out = pathlib.Path(config.out_dir or pathlib.Path(config.workdir) / "dynamics")
+  out.mkdir(parents=True, exist_ok=True)
+  records = read_records(config.workdir)
+  title = config.title or pathlib.Path(config.workdir).name
+  wsteps, wnorms, which = _weight_series(records, config.weight_norm, config.workdir)
+  product = np.prod(wnorms, axis=1)           # over all layers, not only those shown
+  vsteps, variances, vdesc = variance_series(records, config.bn_mode)
+  cum = np.cumprod(variances, axis=1)
+  m = config.max_layers
+  files = [_fig1_weights(out / "fig1_weights.png", records, title, wsteps, wnorms, which, m),
+           _fig2_variances(out / "fig2_variances.png", title, vsteps, variances, cum, m),
+           _fig3_selected(out / "fig3_selected_layers.png", title, wsteps, wnorms, which,
+                          vsteps, variances, config.select_layers)]
   final_fit = fit_growth(np.arange(1, cum.shape[1] + 1), cum[-1])
   rows = _layer_table(f"‖W‖ {which}", wnorms) + _layer_table("sigma^2", variances)
   summary = {
