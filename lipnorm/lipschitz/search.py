@@ -50,6 +50,35 @@ def _normalize(v):
   return v / jnp.where(n > 0, n, 1.0)
 
 
+def _project(x, x0, radius, box):
+  """Euclidean projection of x [D] onto {||x - x0|| <= radius} ∩ box (either may be
+  None; box = (low, high))."""
+  if box is None:
+    if radius is None:
+      return x
+    d = x - x0
+    nd = jnp.linalg.norm(d)
+    return x0 + d * jnp.minimum(1.0, radius / jnp.maximum(nd, 1e-30))
+  if radius is None:
+    return jnp.clip(x, box[0], box[1])
+  # Clipping a ball projection can leave the ball when x0 lies outside the box. The
+  # exact projection onto the intersection is clip((1 - t) x + t x0) for the smallest
+  # t in [0, 1] that lands in the ball (KKT of the separable problem; the distance
+  # to x0 falls as t grows), found by bisection. t = 1 is feasible: checked upfront.
+  point = lambda t: jnp.clip((1 - t) * x + t * x0, box[0], box[1])
+  inside = lambda t: jnp.linalg.norm(point(t) - x0) <= radius
+
+  def bisect(_, lo_hi):
+    lo, hi = lo_hi
+    mid = 0.5 * (lo + hi)
+    ok = inside(mid)
+    return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+  zero, one = jnp.zeros((), x.dtype), jnp.ones((), x.dtype)
+  _, hi = jax.lax.fori_loop(0, 40, bisect, (zero, one))
+  return point(jnp.where(inside(zero), zero, hi))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "mode", "steps", "power_iters",
                                              "num_samples", "gradient", "learning_rate",
                                              "smoothing", "radius", "box"))
@@ -84,33 +113,6 @@ def _search(model, variables, xs, key, *, mode, steps, power_iters, num_samples,
     diff = jax.vmap(lambda u: objective(x + s * u, v, i) - objective(x - s * u, v, i))(u)
     return jnp.mean(diff[:, None] * u, axis=0) / (2 * s)
 
-  def project(x, x0):
-    """Euclidean projection onto {||x - x0|| <= radius} ∩ box (either may be absent)."""
-    if box is None:
-      if radius is None:
-        return x
-      d = x - x0
-      nd = jnp.linalg.norm(d)
-      return x0 + d * jnp.minimum(1.0, radius / jnp.maximum(nd, 1e-30))
-    if radius is None:
-      return jnp.clip(x, box[0], box[1])
-    # Clipping a ball projection can leave the ball when x0 lies outside the box. The
-    # exact projection onto the intersection is clip((1 - t) x + t x0) for the smallest
-    # t in [0, 1] that lands in the ball (KKT of the separable problem; the distance
-    # to x0 falls as t grows), found by bisection. t = 1 is feasible: checked upfront.
-    point = lambda t: jnp.clip((1 - t) * x + t * x0, box[0], box[1])
-    inside = lambda t: jnp.linalg.norm(point(t) - x0) <= radius
-
-    def bisect(_, lo_hi):
-      lo, hi = lo_hi
-      mid = 0.5 * (lo + hi)
-      ok = inside(mid)
-      return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
-
-    zero, one = jnp.zeros((), x.dtype), jnp.ones((), x.dtype)
-    _, hi = jax.lax.fori_loop(0, 40, bisect, (zero, one))
-    return point(jnp.where(inside(zero), zero, hi))
-
   opt = optax.adam(learning_rate)
   x0 = xs.reshape(n, dim)
   keys = jax.random.split(key, n)
@@ -127,7 +129,8 @@ def _search(model, variables, xs, key, *, mode, steps, power_iters, num_samples,
     best_x = jnp.where(better[:, None], x, best_x)
     g = jax.vmap(ascent_dir)(x, v, idx, jax.random.split(step_key, n))
     updates, opt_state = opt.update(-g, opt_state, x)   # minimize -F
-    x = jax.vmap(project)(optax.apply_updates(x, updates), x0)
+    x = jax.vmap(lambda x, x0: _project(x, x0, radius, box))(
+        optax.apply_updates(x, updates), x0)
     return (x, v, opt_state, best, best_x), jnp.max(best)
 
   carry = (x0, v, opt.init(x0), val0, x0)
