@@ -65,6 +65,23 @@ def test_compare_tiny(compare_dir):
 
 
 @pytest.mark.slow
+def test_compare_rerun_reuses_each_runs_stored_measurements(compare_dir, monkeypatch):
+  from lipnorm.experiments import compare
+  before = json.loads((compare_dir / "compare.json").read_text())
+
+  def no_measuring(*a, **k):
+    raise AssertionError("a finished, measured run was measured again")
+  monkeypatch.setattr(compare, "_evaluate_run", no_measuring)
+  assert cli.main(["compare", "--preset", "tiny", "--out", str(compare_dir),
+                   "norms=('none', 'batch')"]) == 0
+  assert json.loads((compare_dir / "compare.json").read_text())["rows"] == before["rows"]
+  # other evaluation settings measure again
+  with pytest.raises(AssertionError, match="measured again"):
+    cli.main(["compare", "--preset", "tiny", "--out", str(compare_dir),
+              "norms=('none',)", "num_examples=3"])
+
+
+@pytest.mark.slow
 def test_regime_tiny_reuses_compare(compare_dir, tmp_path):
   c = get_config("regime", "tiny")
   c.out_dir, c.compare_dir = str(tmp_path), str(compare_dir)

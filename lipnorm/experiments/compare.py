@@ -71,7 +71,7 @@ def run_compare(config: ml_collections.ConfigDict) -> dict[str, Any]:
       workdir = out / "runs" / (norm if len(seeds) == 1 else f"{norm}_s{seed}")
       run = common.train_and_load(tcfg, workdir)
       rows.append({"norm": norm, "seed": seed, "workdir": str(workdir),
-                   **_evaluate_run(c, run)})
+                   **_evaluate_cached(c, run)})
       if c.dynamics and not rows[-1]["diverged"]:
         dcfg = dynamics_config()
         dcfg.workdir, dcfg.out_dir = str(workdir), str(workdir / "dynamics")
@@ -107,6 +107,31 @@ def verdicts(rows: list[dict], norms: list[str],
                   "inside_noise": d.inside_noise,
                   "text": d.text(f"{norm} - {ref} {key}:")})
   return out
+
+
+ROW_FILE = "compare_row.json"
+
+
+def _evaluate_cached(c, run: common.Run) -> dict[str, Any]:
+  """`_evaluate_run`, stored in the run's workdir (ROW_FILE) with what it depends on (the
+  evaluation settings, the run's last step and status), and reused when those match:
+  a rerun of `compare`, or one that adds normalizers or seeds, measures each finished
+  run once."""
+  key = {"num_examples": c.num_examples, "num_eval": c.num_eval, "hessian": c.hessian,
+         "hessian_examples": c.hessian_examples, "bn_mode": c.bn_mode,
+         "step": run.summary.get("step"), "status": run.summary.get("status")}
+  path = pathlib.Path(run.workdir) / ROW_FILE
+  try:
+    stored = json.loads(path.read_text())
+    if stored.get("key") == key:
+      return stored["row"]
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    pass   # absent, torn or from other settings: measure again
+  row = _evaluate_run(c, run)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps({"key": key, "row": row}, indent=1))
+  tmp.replace(path)
+  return row
 
 
 def _evaluate_run(c, run: common.Run) -> dict[str, Any]:
