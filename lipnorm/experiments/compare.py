@@ -15,6 +15,7 @@ accuracy and gap differ from the first normalizer's by more than the seed noise 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pathlib
@@ -114,12 +115,15 @@ ROW_FILE = "compare_row.json"
 
 def _evaluate_cached(c, run: common.Run) -> dict[str, Any]:
   """`_evaluate_run`, stored in the run's workdir (ROW_FILE) with what it depends on (the
-  evaluation settings, the run's last step and status), and reused when those match:
-  a rerun of `compare`, or one that adds normalizers or seeds, measures each finished
-  run once."""
+  evaluation settings, the run's stored config, last step and status), and reused when
+  those match: a rerun of `compare`, or one that adds normalizers or seeds, measures each
+  finished run once."""
+  config_file = pathlib.Path(run.workdir) / "config.json"   # the run's stored config
   key = {"num_examples": c.num_examples, "num_eval": c.num_eval, "hessian": c.hessian,
          "hessian_examples": c.hessian_examples, "bn_mode": c.bn_mode,
-         "step": run.summary.get("step"), "status": run.summary.get("status")}
+         "step": run.summary.get("step"), "status": run.summary.get("status"),
+         "config_sha256": hashlib.sha256(config_file.read_bytes()).hexdigest()
+         if config_file.exists() else None}
   path = pathlib.Path(run.workdir) / ROW_FILE
   try:
     stored = json.loads(path.read_text())
