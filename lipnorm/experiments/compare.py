@@ -30,6 +30,7 @@ from lipnorm.experiments.dynamics import run_dynamics
 from lipnorm.experiments.evaluation import evaluate
 from lipnorm.experiments.records import first_key, read_records, series
 from lipnorm.experiments.report import markdown_table
+from lipnorm.training.run_log import write_json_atomic
 
 COLUMNS = (("test_accuracy", "test acc"), ("train_accuracy", "train acc"),
            ("gap", "gap"), ("test_loss", "test loss"), ("lip_x_max", "Lip_x max"),
@@ -132,9 +133,7 @@ def _evaluate_cached(c, run: common.Run) -> dict[str, Any]:
   except (OSError, ValueError, KeyError, TypeError, AttributeError):
     pass   # absent, torn or from other settings: measure again
   row = _evaluate_run(c, run)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps({"key": key, "row": row}, indent=1))
-  tmp.replace(path)
+  write_json_atomic(path, {"key": key, "row": row})
   return row
 
 
