@@ -1,16 +1,15 @@
 """The main job: a 10-layer ReLU net on the embedded 8x8 digits (offline, under a minute
 on 2 CPU cores), with layer probes and Lipschitz measurements logged as it trains. Unnormalized by default; BatchNorm on every hidden layer is one
 override away: `--config.model.norm=batch` (or layer, group, instance, rms)."""
-from lipnorm.training.config_schema import base_config
+from lipnorm.training.config_schema import base_config, set_model
 
 
 def get_config():
   config = base_config()
-  config.model.name = "relu_net"
-  config.model.depth = 10          # linear maps: 9 hidden layers + the output layer
-  config.model.width = 128
-  config.model.norm = "none"
-  config.model.norm_layers = "all"
+  # every relu_net option is listed (`--config.model.activation=tanh` works too)
+  set_model(config, "relu_net",
+            depth=10,              # linear maps: 9 hidden layers + the output layer
+            width=128, norm="none")
 
   config.data.source = "digits"
   config.data.batch_size = 64

@@ -1,16 +1,12 @@
 """A 10-layer ReLU net (width 512) on CIFAR-10 from the official local archive
 (`--config.data.data_dir=/path/to/dir/with/cifar-10-binary.tar.gz` unless the data
 pipeline finds it). Norm overridable: `--config.model.norm=batch`."""
-from lipnorm.training.config_schema import base_config
+from lipnorm.training.config_schema import base_config, set_model
 
 
 def get_config():
   config = base_config()
-  config.model.name = "relu_net"
-  config.model.depth = 10
-  config.model.width = 512
-  config.model.norm = "none"
-  config.model.norm_layers = "all"
+  set_model(config, "relu_net", depth=10, width=512, norm="none")
 
   config.data.source = "cifar10"
   config.data.batch_size = 128

@@ -3,13 +3,13 @@ SGD momentum 0.9, lr 0.1 cosine, weight decay 5e-4, 200 epochs, crop+flip augmen
 (the CIFAR default), evaluation and checkpoints every 2000 steps. Norm overridable
 (`--config.model.norm=group`); bf16 compute with `--config.dtype=bfloat16`.
 `configs/efficientnet_b3_cifar10.py` builds on this recipe."""
-from lipnorm.training.config_schema import base_config
+from lipnorm.training.config_schema import base_config, set_model
 
 
 def get_config(model_name: str = "resnet18"):
   config = base_config()
-  config.model.name = model_name
-  config.model.norm = "batch"
+  # every option of the model is listed: `--config.model.width=16`, `conv_impl`, ...
+  set_model(config, model_name, norm="batch")
   config.data.source = "cifar10"
   config.data.batch_size = 128
   config.data.eval_batch_size = 500

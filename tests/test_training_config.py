@@ -209,3 +209,45 @@ def test_metrics_writer_json_and_resume_truncation(tmp_path):
   off = MetricsWriter(str(tmp_path / "other"), enabled=False)
   assert off.write(1, "train", {"loss": 1.0})["loss"] == 1.0
   assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("path", ["configs/default.py", "configs/relu10_cifar10.py",
+                                  "configs/resnet18_cifar10.py",
+                                  "configs/efficientnet_b3_cifar10.py"])
+def test_config_files_list_every_model_option_and_build_the_same_model(path):
+  from lipnorm.models import get_model, model_options
+  from lipnorm.training.config_schema import load_config_file
+  config = load_config_file(path)
+  options = model_options(config.model.name)
+  assert set(options) <= set(config.model.keys())
+  kwargs = model_kwargs(config)
+  listed = get_model(config.model.name, num_classes=10, **kwargs)
+  only_set = {k: v for k, v in kwargs.items() if k not in options or v != options[k]}
+  assert listed == get_model(config.model.name, num_classes=10, **only_set)
+
+
+def test_every_model_option_can_be_overridden_from_the_command_line():
+  from lipnorm.models import get_model
+  from lipnorm.training.config_schema import load_config_file
+  from lipnorm.training.overrides import apply_overrides
+  config = apply_overrides(load_config_file("configs/resnet18_cifar10.py"), [
+      "--config.model.width=16", "--config.model.conv_impl=matmul",
+      "--config.model.stage_sizes=(1, 1, 1, 1)", "--config.model.norm_layers=3"])
+  model = get_model(config.model.name, num_classes=10, **model_kwargs(config))
+  assert (model.width, model.conv_impl, model.stage_sizes) == (16, "matmul", (1, 1, 1, 1))
+  assert model.norm.layers == 3
+  with pytest.raises(ValueError, match="no such config key 'widht'.*did you mean 'width'"):
+    apply_overrides(load_config_file("configs/resnet18_cifar10.py"),
+                    ["--config.model.widht=16"])
+
+
+def test_workdirs_written_before_model_options_were_listed_still_match():
+  from lipnorm.training.config_schema import load_config_file
+  from lipnorm.training.workdir import config_as_dict, config_differences
+  new = config_as_dict(load_config_file("configs/resnet18_cifar10.py"))
+  old = json.loads(json.dumps(new))
+  for key in ("width", "stage_sizes", "conv_impl", "stem", "norm_layers"):
+    del old["model"][key]            # a config.json of an earlier lipnorm
+  assert config_differences(old, new) == []
+  new["model"]["width"] = 16
+  assert config_differences(old, new) == ["model.width: 64 -> 16"]   # 64: the default

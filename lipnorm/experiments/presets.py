@@ -14,6 +14,7 @@ import pathlib
 import ml_collections
 
 from lipnorm.experiments import common
+from lipnorm.training.config_schema import set_model
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
@@ -76,9 +77,9 @@ def cifar_relu10(steps: int, norm: str = "none") -> ml_collections.ConfigDict:
 def cifar_cnn(steps: int, norm: str = "none") -> ml_collections.ConfigDict:
   """A small VGG-style CNN (the `cnn` model's defaults) on CIFAR-10, same optimizer."""
   c = cifar_relu10(steps, norm)
-  with c.unlocked():
-    c.model = ml_collections.ConfigDict({"name": "cnn", "norm": norm,
-                                         "norm_options": ml_collections.ConfigDict()})
+  for key in [k for k in c.model.keys() if k not in ("norm", "norm_options")]:
+    del c.model[key]                     # relu_net's depth, width, ...
+  set_model(c, "cnn", norm=norm)
   c.optimizer.learning_rate = 0.02
   # conv operator norms at every layer probe: warm-started Lanczos, ~1.5 s per probe on CPU
   c.probes.spectral_every_steps = c.probes.every_steps

@@ -8,7 +8,7 @@ from lipnorm.models.cnn import CNN
 from lipnorm.models.efficientnet import VARIANTS as EFFICIENTNET_VARIANTS
 from lipnorm.models.efficientnet import EfficientNet
 from lipnorm.models.norm_spec import NormSpec
-from lipnorm.models.registry import get_model, model_names, register_model
+from lipnorm.models.registry import get_model, model_names, model_options, register_model
 from lipnorm.models.relu_net import ReLUNet
 from lipnorm.models.resnet import ResNet
 
@@ -22,6 +22,6 @@ for _variant, (_width, _depth, _dropout) in EFFICIENTNET_VARIANTS.items():
   register_model(f"efficientnet_{_variant}", EfficientNet, width_coefficient=_width,
                  depth_coefficient=_depth, dropout_rate=_dropout)
 
-__all__ = ["structure", "get_activation", "get_model", "model_names", "register_model",
-           "NormSpec",
+__all__ = ["structure", "get_activation", "get_model", "model_names", "model_options",
+           "register_model", "NormSpec",
            "ReLUNet", "CNN", "ResNet", "EfficientNet"]

@@ -23,6 +23,40 @@ def model_names() -> list[str]:
   return MODELS.names()
 
 
+def _plain_value(value: Any) -> bool:
+  """A value a config field (and a command-line override) can hold: a bool, int, float
+  or str, or a flat tuple of those."""
+  if isinstance(value, (bool, int, float, str)):
+    return True
+  return isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value)
+
+
+# Fields a run sets from elsewhere (the dataset, `config.dtype`, the training loop), and
+# the normalizer (config files spell it `norm`, `norm_layers`, `norm_options`).
+_NOT_OPTIONS = frozenset({"num_classes", "dtype", "bn_axis_name", "norm"})
+
+
+def model_options(name: str) -> dict[str, Any]:
+  """The keyword arguments of `get_model(name, ...)` that have plain defaults (bool, int,
+  float, str or a flat tuple of them), with the defaults `get_model` uses, plus
+  `norm_layers="all"`. Config files list them so that each can be set from the command
+  line (`--config.model.width=16`); the model built is the same as without them.
+
+  >>> model_options("relu_net")
+  {'depth': 10, 'width': 512, 'activation': 'relu', 'use_bias': True, 'norm_layers': 'all'}
+  """
+  cls, defaults = MODELS.get(name)
+  out = {}
+  for f in dataclasses.fields(cls):
+    if f.name in _NOT_OPTIONS or f.name in ("parent", "name"):
+      continue
+    value = defaults.get(f.name, f.default)
+    if _plain_value(value):
+      out[f.name] = value
+  out["norm_layers"] = "all"
+  return out
+
+
 def get_model(name: str, **kwargs: Any) -> nn.Module:
   """Builds model `name`; every model takes `num_classes=`, `norm=` (a normalizer name
   or a `NormSpec`), `norm_layers=` ("all", the first k, or a list of slots) and

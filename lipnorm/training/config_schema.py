@@ -13,6 +13,8 @@ Fields (see README "Training" for the full story):
   seed                      int, seeds parameter init, data order and dropout.
   model.name, model.norm    model / normalizer registry names; other `model.*` keys are
                             model kwargs (`depth`, `width`, `norm_layers`, ...).
+                            `set_model` lists all of a model's options in a config, so
+                            each can be set from the command line.
   model.norm_options.*      normalizer options: epsilon, momentum (BN), num_groups or
                             group_size (GN), use_scale, use_bias; None (unset) = the
                             normalizer's default. `--config.model.norm_options.num_groups=8`.
@@ -187,6 +189,17 @@ def _number(config, key: str, *, low: Optional[float] = None, high: Optional[flo
     lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
     hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
     _fail(key, value, f"{kind} {' and '.join(s for s in (lo, hi) if s)}".strip())
+
+
+def set_model(config, name: str, **values: Any) -> None:
+  """Sets `config.model.name = name`, adds every option of that model with its default
+  (`lipnorm.models.model_options`: e.g. ResNet's `width`, `stage_sizes`, `conv_impl`) and
+  then `values`, so that each option can be overridden from the command line
+  (`--config.model.width=16`). Builds the same model as listing only `values`."""
+  from lipnorm.models import model_options
+  config.model.name = name
+  for key, value in {**model_options(name), **values}.items():
+    config.model[key] = value
 
 
 def resolve_config(config) -> ml_collections.ConfigDict:

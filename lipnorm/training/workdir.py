@@ -39,10 +39,23 @@ def config_as_dict(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def _model_defaults_filled(config: dict) -> dict:
+  """`config` with each option of its model that it does not list set to the model's
+  default (`lipnorm.models.model_options`), as JSON values."""
+  from lipnorm.models import model_names, model_options
+  model = config.get("model")
+  if not isinstance(model, dict) or model.get("name") not in model_names():
+    return config
+  defaults = json.loads(json.dumps(model_options(model["name"])))
+  return {**config, "model": {**defaults, **model}}
+
+
 def config_differences(old: dict, new: dict) -> list[str]:
   """`key: old -> new` for every computation-relevant field that differs (an unset field,
-  null, equals an absent one: configs written before the field existed still match)."""
-  a, b = ({k: v for k, v in traverse_util.flatten_dict(d, sep=".").items()
+  null, equals an absent one: configs written before the field existed still match; so
+  does a model option left out and one listed with the model's default)."""
+  a, b = ({k: v for k, v in traverse_util.flatten_dict(_model_defaults_filled(d),
+                                                       sep=".").items()
            if k.split(".")[0] not in _LAUNCH_KEYS and k not in _LAUNCH_KEYS
            and v is not None} for d in (old, new))
   return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
