@@ -43,6 +43,49 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# Modules by their measured share of the suite, heaviest first (worker-seconds from
+# `--durations=0`, 2 workers on 2 loaded cores, December 2026). pyproject's addopts pass
+# `--dist loadscope --no-loadscope-reorder`: each module runs whole on one worker, and
+# modules are handed out in collection order, so sorting them by cost here schedules
+# longest-first and the cheap modules fill the gaps at the end. Modules not listed go
+# last, in file order: a new heavy module belongs in this list.
+_MODULES_BY_COST = (
+    "test_models.py",                      # 136 s
+    "test_lipschitz_bounds.py",            # 97
+    "test_lipschitz_local.py",             # 83
+    "test_experiments_e2e.py",             # 81
+    "test_experiment_gpu_campaign.py",     # 65
+    "test_bound_soundness.py",             # 62
+    "test_conv_impl.py",                   # 61
+    "test_training_configs.py",            # 59
+    "test_training_processes.py",          # 59
+    "test_lipschitz_operator_norms.py",    # 55
+    "test_training_cli.py",                # 52
+    "test_experiment_seeds.py",            # 51
+    "test_checkpoint_integrity.py",        # 45
+    "test_experiment_correlate.py",        # 36
+    "test_lipschitz_spectral.py",          # 36
+    "test_lipschitz_search_hessian.py",    # 36
+    "test_training_loop.py",               # 29
+    "test_probe_hooks.py",                 # 27
+    "test_normalizers.py",                 # 20
+    "test_probes.py",                      # 19
+    "test_data_download.py",               # 17
+    "test_training_steps.py",              # 15
+    "test_experiment_reports.py",          # 12
+    "test_data_real.py",                   # 9
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  missing = [n for n in _MODULES_BY_COST if not (pathlib.Path(__file__).parent / n).exists()]
+  if missing:   # a renamed module would silently lose its place in the schedule
+    raise pytest.UsageError(f"tests/conftest.py _MODULES_BY_COST names missing modules "
+                            f"{missing}; list the current file names")
+  rank = {name: i for i, name in enumerate(_MODULES_BY_COST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order within
+
+
 def pytest_sessionfinish(session, exitstatus):
   shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
 
