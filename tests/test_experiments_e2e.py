@@ -65,6 +65,39 @@ def test_compare_tiny(compare_dir):
 
 
 @pytest.mark.slow
+def test_an_interrupted_run_stops_the_experiment(tmp_path, monkeypatch, capsys):
+  """SIGTERM during one of an experiment's runs: that run checkpoints and stops, and the
+  experiment stops with it (exit code 4, as train.py), measuring nothing and starting no
+  further run; rerunning the same command resumes the run."""
+  import os
+  import signal
+
+  from lipnorm.data import get_dataset
+  from lipnorm.experiments import common
+  real_train, started = common.train, []
+
+  def interrupted_train(cfg, workdir, **kwargs):
+    def dataset_fn(data_config, **kw):
+      os.kill(os.getpid(), signal.SIGTERM)
+      return get_dataset(data_config, **kw)
+    started.append(workdir)
+    return real_train(cfg, workdir, dataset_fn=dataset_fn, interactive=False, **kwargs)
+
+  monkeypatch.setattr(common, "train", interrupted_train)
+  out = tmp_path / "compare"
+  assert cli.main(["compare", "--preset", "tiny", "--out", str(out),
+                   "norms=('none', 'batch')"]) == 4
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("interrupted: the run in") and "at step 1" in err
+  assert "rerun the same command to resume" in err and "\n" not in err
+  assert len(started) == 1 and sorted(p.name for p in (out / "runs").iterdir()) == ["none"]
+  summary = json.loads((out / "runs" / "none" / "summary.json").read_text())
+  assert summary["status"] == "preempted" and summary["step"] == 1
+  assert not (out / "compare.json").exists()
+  assert not (out / "runs" / "none" / "compare_row.json").exists()
+
+
+@pytest.mark.slow
 def test_compare_rerun_reuses_each_runs_stored_measurements(compare_dir, monkeypatch):
   from lipnorm.experiments import compare
   before = json.loads((compare_dir / "compare.json").read_text())

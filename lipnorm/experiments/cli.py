@@ -15,7 +15,9 @@ from typing import Sequence
 
 import ml_collections
 
+from lipnorm.experiments.common import RunInterrupted
 from lipnorm.experiments.registry import EXPERIMENTS, get_config, get_experiment
+from lipnorm.training.loop import EXIT_CODES
 from lipnorm.training.overrides import apply_overrides as apply_config_overrides
 from lipnorm.training.overrides import first_line
 
@@ -81,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:   # bad input, incl. lipnorm.training.ConfigError
     print(f"error: {first_line(e)}", file=sys.stderr)
     return EXIT_BAD_INPUT
+  except RunInterrupted as e:
+    print(f"interrupted: {e}", file=sys.stderr)
+    return EXIT_CODES["preempted"]
   print(json.dumps(summary, indent=1, default=str)[:4000])
   return 0
 

@@ -105,12 +105,32 @@ class Run:
     return self.summary.get("status") == "diverged"
 
 
+class RunInterrupted(Exception):
+  """A run an experiment trains stopped on SIGTERM / SIGINT (checkpoint saved at the
+  step boundary): the experiment stops too, measuring nothing of the half-trained net.
+  Rerunning the same command resumes the run and goes on."""
+
+
+def train_run(train_cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+              **kwargs: Any) -> dict:
+  """`lipnorm.training.train(train_cfg, workdir, **kwargs)`: trains, resumes or reuses
+  the run in `workdir` and returns its summary (completed or diverged); RunInterrupted
+  when it was preempted."""
+  summary = train(train_cfg, str(workdir), **kwargs)
+  if summary.get("status") == "preempted":
+    raise RunInterrupted(f"the run in {str(workdir)!r} was interrupted at step "
+                         f"{summary.get('step', '?')} (checkpoint saved); rerun the "
+                         f"same command to resume it")
+  return summary
+
+
 def train_and_load(train_cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                    num_examples: int = 64) -> Run:
   """Trains (or resumes / reuses a finished run in `workdir`) and loads the last
-  checkpoint (for a diverged run: the last finite one)."""
+  checkpoint (for a diverged run: the last finite one). RunInterrupted when the run
+  was preempted."""
   workdir = pathlib.Path(workdir)
-  summary = train(train_cfg, str(workdir))
+  summary = train_run(train_cfg, workdir)
   data = load_data(train_cfg, num_examples)
   state = load_checkpoint(str(workdir))["state"]
   variables = {"params": state["params"]}

@@ -38,7 +38,6 @@ from lipnorm import lipschitz
 from lipnorm.experiments import common, plots, stats
 from lipnorm.experiments.evaluation import margins, metrics_from_logits, predict
 from lipnorm.experiments.report import fmt, markdown_table
-from lipnorm.training import train
 
 # Hyperparameters of one net; the granulated tau's axes are a subset (config.axes).
 HYPERPARAMETERS = ("model", "depth", "width", "norm", "k", "lr", "wd", "batch")
@@ -171,7 +170,7 @@ def train_to_target(c, tcfg: ml_collections.ConfigDict, workdir: pathlib.Path
     tcfg.num_train_steps = steps
     tcfg.log_every_steps = min(tcfg.log_every_steps, steps)
     tcfg.eval_every_steps = tcfg.checkpoint_every_steps = steps
-    summary = train(tcfg, str(workdir), override_config=True)
+    summary = common.train_run(tcfg, workdir, override_config=True)
     loss = (summary.get("final") or {}).get("train_loss", math.nan)
     if (summary.get("status") != "completed" or not loss > c.target_loss
         or steps >= c.max_steps):

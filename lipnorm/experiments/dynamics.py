@@ -174,7 +174,7 @@ def _check_and_train(config: ml_collections.ConfigDict) -> None:
     if not config.train.probes.enabled:
       raise ValueError("dynamics: train.probes.enabled must be True (the figures are "
                        "made of probe records)")
-    common.train(config.train, config.workdir)
+    common.train_run(config.train, config.workdir)
   if not config.workdir:
     raise ValueError("dynamics: config.workdir (a training workdir) is required, or "
                      "train_enabled=True")
