@@ -126,7 +126,7 @@ def test_correlate_tiny_end_to_end_and_resume(tmp_path, monkeypatch):
 
   def no_training(*a, **k):
     raise AssertionError("a finished net was retrained")
-  monkeypatch.setattr(correlate, "train", no_training)
+  monkeypatch.setattr(correlate.common, "train", no_training)   # every training path
   assert cli.main(args) == 0          # every net's JSON exists: nothing trains
   assert json.loads((out / "correlate.json").read_text())["nets"] == s["nets"]
 
