@@ -56,8 +56,12 @@ def test_compare_tiny(compare_dir):
     assert 0 <= r["test_accuracy"] <= 1 and r["lip_x_max"] > 0 and r["lip_theta_max"] > 0
     assert math.isfinite(r["hessian_top"]) and isinstance(r["diverged"], bool)
     assert r["lip_x_max"] * (1 - 1e-4) <= r["lip_bound_certified"] <= r["bound"] * (1 + 1e-6)
+    # the plateau check: the run's evaluations at steps 3 and 6, and their difference
+    (s3, a3), (s6, a6) = r["test_accuracy_curve"]
+    assert (s3, s6) == (3, 6) and r["last_eval_change"] == pytest.approx(a6 - a3)
+    assert a6 == pytest.approx(r["test_accuracy"], abs=1e-6)  # the same final net and split
   md = (compare_dir / "compare.md").read_text()
-  assert md.count("\n| ") >= 3 and "Hessian" in md
+  assert md.count("\n| ") >= 3 and "Hessian" in md and "acc change, last eval" in md
   assert "| paper bound | certified bound |" in md
   assert _png_ok(compare_dir / "compare_metrics.png")
   assert _png_ok(compare_dir / "compare_curves.png")

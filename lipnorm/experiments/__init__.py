@@ -80,6 +80,7 @@ register(Experiment("sweep", "E1: Lip_x (local, bound) vs depth L and vs normali
 def _tiny_compare_train():
   c = presets.tiny_train(6)
   c.probes.lipschitz = False   # layer probes feed E2/E4; E3 measures the final nets itself
+  c.eval_every_steps = 3       # two evaluations: the plateau check has a change to report
   return c
 
 

@@ -5,7 +5,9 @@ final variables: train / test accuracy and loss (eval mode, unaugmented data), t
 generalization gap (train - test accuracy), the local input and parameter Lipschitz
 constants on a fixed batch (max and mean), the two sound upper bounds (the paper's
 bound and lipnorm's tightest certified bound), the top Hessian
-eigenvalue of the training loss, and whether training diverged. Writes compare.md,
+eigenvalue of the training loss, whether training diverged, and a plateau check: the
+change of the test accuracy between the training run's last two evaluations
+(`last_eval_change`; its evaluations are in `test_accuracy_curve`). Writes compare.md,
 compare.json, compare_metrics.png, compare_curves.png and each run's E2 figures.
 
 With several `seeds` every normalizer is trained once per seed (workdirs
@@ -37,7 +39,8 @@ COLUMNS = (("test_accuracy", "test acc"), ("train_accuracy", "train acc"),
            ("lip_x_mean", "Lip_x mean"), ("lip_theta_max", "Lip_theta max"),
            ("lip_theta_mean", "Lip_theta mean"), ("bound", "paper bound"),
            ("lip_bound_certified", "certified bound"),
-           ("hessian_top", "Hessian top eig"), ("diverged", "diverged"))
+           ("hessian_top", "Hessian top eig"), ("last_eval_change", "acc change, last eval"),
+           ("diverged", "diverged"))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -73,7 +76,7 @@ def run_compare(config: ml_collections.ConfigDict) -> dict[str, Any]:
       workdir = out / "runs" / (norm if len(seeds) == 1 else f"{norm}_s{seed}")
       run = common.train_and_load(tcfg, workdir)
       rows.append({"norm": norm, "seed": seed, "workdir": str(workdir),
-                   **_evaluate_cached(c, run)})
+                   **_evaluate_cached(c, run), **eval_curve(workdir)})
       if c.dynamics and not rows[-1]["diverged"]:
         dcfg = dynamics_config()
         dcfg.workdir, dcfg.out_dir = str(workdir), str(workdir / "dynamics")
@@ -109,6 +112,19 @@ def verdicts(rows: list[dict], norms: list[str],
                   "inside_noise": d.inside_noise,
                   "text": d.text(f"{norm} - {ref} {key}:")})
   return out
+
+
+def eval_curve(workdir) -> dict[str, Any]:
+  """{"test_accuracy_curve": [[step, accuracy], ...] of the run's evaluations during
+  training (eval mode, full test split), "last_eval_change": the last minus the one
+  before (None with fewer than two): whether test accuracy had reached a plateau}."""
+  records = read_records(workdir)
+  if not first_key(records, "eval", ("accuracy",)):
+    return {"test_accuracy_curve": [], "last_eval_change": None}
+  steps, acc = series(records, "eval", "accuracy")
+  curve = [[int(t), float(a)] for t, a in zip(steps, acc)]
+  change = curve[-1][1] - curve[-2][1] if len(curve) > 1 else None
+  return {"test_accuracy_curve": curve, "last_eval_change": change}
 
 
 ROW_FILE = "compare_row.json"
@@ -198,7 +214,9 @@ def compare_markdown(s: dict) -> str:
           "`paper bound` (the product of layer norms and normalizer factors) and "
           "`certified bound` (lipnorm's tightest certified bound) are sound upper bounds on "
           "the global input Lipschitz constant; "
-          "`gap` = train - test accuracy (eval mode, unaugmented).\n\n")
+          "`gap` = train - test accuracy (eval mode, unaugmented); `acc change, last eval` = "
+          "the change of the test accuracy between the run's last two evaluations during "
+          "training (near 0: a plateau).\n\n")
   if len(seeds) <= 1:
     rows = [[r["norm"], *[r.get(k) for k, _ in COLUMNS]] for r in s["rows"]]
     return head + markdown_table(["norm", *[h for _, h in COLUMNS]], rows)
