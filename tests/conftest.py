@@ -31,10 +31,14 @@ import tempfile  # noqa: E402
 import pytest  # noqa: E402
 
 # Many tests compile the same programs (the tiny training config's steps, probes, the
-# same small models): an XLA compilation cache shared by this session and the train.py
-# processes it starts compiles each once. A fresh directory per session, removed at its
-# end, so no run reads another's executables.
-_COMPILE_CACHE = tempfile.mkdtemp(prefix="lipnorm-tests-xla-cache-")
+# same small models): an XLA compilation cache shared by this session -- the controller,
+# every xdist worker (they inherit the variable below) and the train.py processes they
+# start -- compiles each once. A fresh directory per session, removed at its end by the
+# process that made it, so no run reads another's executables.
+_OWNS_CACHE = "LIPNORM_TESTS_XLA_CACHE" not in os.environ
+if _OWNS_CACHE:
+  os.environ["LIPNORM_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="lipnorm-tests-xla-cache-")
+_COMPILE_CACHE = os.environ["LIPNORM_TESTS_XLA_CACHE"]
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILE_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
@@ -87,7 +91,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-  shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
+  if _OWNS_CACHE:
+    shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
