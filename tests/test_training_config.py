@@ -226,6 +226,20 @@ def test_config_files_list_every_model_option_and_build_the_same_model(path):
   assert listed == get_model(config.model.name, num_classes=10, **only_set)
 
 
+def test_set_model_replaces_the_previous_models_options_and_keeps_the_normalizer():
+  from lipnorm.models import get_model, model_options
+  from lipnorm.training.config_schema import load_config_file, set_model
+  config = load_config_file("configs/relu10_cifar10.py")
+  config.model.norm = "group"
+  config.model.norm_options.num_groups = 4
+  set_model(config, "cnn", widths=(8, 16))
+  assert set(config.model.keys()) == set(model_options("cnn")) | {"name", "norm",
+                                                                  "norm_options"}
+  model = get_model("cnn", num_classes=10, **model_kwargs(config))
+  assert model.widths == (8, 16) and model.norm.name == "group"
+  assert dict(model.norm.options) == {"num_groups": 4}
+
+
 def test_every_model_option_can_be_overridden_from_the_command_line():
   from lipnorm.models import get_model
   from lipnorm.training.config_schema import load_config_file

@@ -77,9 +77,7 @@ def cifar_relu10(steps: int, norm: str = "none") -> ml_collections.ConfigDict:
 def cifar_cnn(steps: int, norm: str = "none") -> ml_collections.ConfigDict:
   """A small VGG-style CNN (the `cnn` model's defaults) on CIFAR-10, same optimizer."""
   c = cifar_relu10(steps, norm)
-  for key in [k for k in c.model.keys() if k not in ("norm", "norm_options")]:
-    del c.model[key]                     # relu_net's depth, width, ...
-  set_model(c, "cnn", norm=norm)
+  set_model(c, "cnn", norm=norm)         # drops relu_net's depth, width, ...
   c.optimizer.learning_rate = 0.02
   # conv operator norms at every layer probe: warm-started Lanczos, ~1.5 s per probe on CPU
   c.probes.spectral_every_steps = c.probes.every_steps

@@ -192,11 +192,15 @@ def _number(config, key: str, *, low: Optional[float] = None, high: Optional[flo
 
 
 def set_model(config, name: str, **values: Any) -> None:
-  """Sets `config.model.name = name`, adds every option of that model with its default
-  (`lipnorm.models.model_options`: e.g. ResNet's `width`, `stage_sizes`, `conv_impl`) and
-  then `values`, so that each option can be overridden from the command line
-  (`--config.model.width=16`). Builds the same model as listing only `values`."""
+  """Sets `config.model.name = name`, replaces the previous model's options (the
+  normalizer, `norm` and `norm_options`, is kept) with every option of that model at its
+  default (`lipnorm.models.model_options`: e.g. ResNet's `width`, `stage_sizes`,
+  `conv_impl`), then applies `values`, so that each option can be overridden from the
+  command line (`--config.model.width=16`). Builds the same model as listing only
+  `values`."""
   from lipnorm.models import model_options
+  for key in [k for k in config.model.keys() if k not in ("norm", "norm_options")]:
+    del config.model[key]
   config.model.name = name
   for key, value in {**model_options(name), **values}.items():
     config.model[key] = value
