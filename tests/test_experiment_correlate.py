@@ -29,7 +29,7 @@ def test_grid_products_dedups_and_canonicalizes():
     correlate.grid(c)
   assert len(correlate.grid(get_config("correlate", "cifar"))) >= 40
   small = correlate.grid(get_config("correlate", "cpu_small"))
-  assert len(small) >= 40
+  assert len(small) >= 40 and {n["model"] for n in small} == set(correlate.MODELS)
   for axis in ("depth", "width", "norm", "k", "lr", "wd", "batch"):   # every axis varies
     assert len({n[axis] for n in small}) >= 2, axis
 

@@ -155,7 +155,7 @@ def _correlate_tiny():
 
 
 def _correlate_cifar():
-  """E5 on the first 10,000 CIFAR-10 training images, 43 nets (relu_net and cnn), to
+  """E5 on the first 10,000 CIFAR-10 training images, 42 nets (relu_net and cnn), to
   train cross-entropy 0.05 or 4000 steps (about 51 epochs at batch 128)."""
   c = correlate.default_config()
   c.out_dir = "runs/correlate_cifar"
@@ -183,10 +183,10 @@ def _correlate_cifar():
 
 
 def _correlate_cpu_small():
-  """E5 at the size of a busy 2-core CPU: 42 small relu_nets on the first 2,000 CIFAR-10
-  training images, each trained to train cross-entropy 0.05 or 600 steps (about 38
-  epochs at batch 128), so that the nets overfit and the gap is real. About 20-40 s
-  per net on one busy core."""
+  """E5 at the size of a busy 2-core CPU: 42 small relu_nets and 10 cnns on the first
+  2,000 CIFAR-10 training images, each trained to train cross-entropy 0.05 or 600 steps
+  (about 38 epochs at batch 128), so that the nets overfit and the gap is real. About
+  20-40 s per relu_net and a few minutes per cnn on one busy core."""
   c = _correlate_cifar()
   c.out_dir = "runs/correlate_cpu_small"
   c.train.data.num_train = 2000
@@ -206,6 +206,10 @@ def _correlate_cpu_small():
       {"norm": ("group", "rms"), "width": (64, 256)},
       # every normalizer at two learning rates
       {"norm": ("none", "batch", "layer", "rms"), "lr": (0.01, 0.05)},
+      # the CNN (widths 16/32/64, 2 convs per stage) with each normalizer at two
+      # learning rates
+      {"model": "cnn", "depth": 2, "width": 16,
+       "norm": ("none", "batch", "layer", "group", "rms"), "lr": (0.01, 0.05)},
   )
   return c
 
