@@ -47,7 +47,7 @@ def _sown_paths(norm_stats) -> list[tuple[str, ...]]:
 
 
 def _shapes(model, x_shape):
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(x_shape))
+  return _trace_init(model, tuple(x_shape))[0]
 
 
 def _param_count(tree) -> int:
@@ -72,8 +72,10 @@ def test_model_x_normalizer(name, norm):
   x = jax.random.normal(jax.random.key(1), x_shape)
 
   # Eager init: its random draws are compiled once per kernel shape and reused across
-  # normalizers; the rest is one compile.
-  variables = model.init(jax.random.key(0), x)
+  # normalizers; the rest is one compile. It also records the layer calls (no 2nd trace).
+  calls = []
+  with nn.intercept_methods(_call_recorder(calls)):
+    variables = model.init(jax.random.key(0), x)
   assert set(variables) == ({"params", "batch_stats"} if norm == "batch" else {"params"})
 
   @jax.jit
@@ -114,7 +116,6 @@ def test_model_x_normalizer(name, norm):
 
   # structure(): exactly the model's kernels and normalizers, in forward (call) order.
   structure = model.structure()
-  calls = _layer_calls(model, x_shape)
   linear_nodes = st.linear_layers(structure)
   assert [l.path for l in linear_nodes] == [c[1] for c in calls if c[0] != "norm"]
   assert {l.path for l in linear_nodes} == set(_kernel_paths(variables["params"]))
@@ -136,11 +137,9 @@ def test_model_x_normalizer(name, norm):
       assert layer.kind == "dense" and kernel.shape[0] == in_channels[layer.path]
 
 
-def _layer_calls(model, x_shape) -> list[tuple[str, tuple[str, ...], tuple[int, ...]]]:
-  """(conv | dense | norm, module path, input shape) of every layer call in call order,
-  recorded by a method interceptor while tracing init (no compile)."""
-  calls = []
-
+def _call_recorder(calls: list):
+  """A flax method interceptor appending (conv | dense | norm, module path, input shape)
+  of every layer call, in call order, to `calls`."""
   def record(next_fun, args, kwargs, context):
     m = context.module
     if context.method_name == "__call__":
@@ -149,10 +148,24 @@ def _layer_calls(model, x_shape) -> list[tuple[str, tuple[str, ...], tuple[int, 
       if kind is not None:
         calls.append((kind, tuple(m.path), tuple(args[0].shape)))
     return next_fun(*args, **kwargs)
+  return record
 
-  with nn.intercept_methods(record):
-    jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(x_shape, jnp.float32))
-  return calls
+
+@functools.lru_cache(maxsize=None)
+def _trace_init(model, x_shape: tuple[int, ...]):
+  """(variable shapes, layer calls) of `model.init` on a float32 batch of `x_shape`, from
+  one shape-only trace (no compile). Memoized: models are hashable, and several tests
+  trace the same one (tracing a full-size EfficientNet costs seconds)."""
+  calls = []
+  with nn.intercept_methods(_call_recorder(calls)):
+    shapes = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct(x_shape, jnp.float32))
+  return shapes, tuple(calls)
+
+
+def _layer_calls(model, x_shape) -> list[tuple[str, tuple[str, ...], tuple[int, ...]]]:
+  """(conv | dense | norm, module path, input shape) of every layer call in call order."""
+  return list(_trace_init(model, tuple(x_shape))[1])
 
 
 # ---------------------------------------------------------------------------------------
@@ -382,10 +395,10 @@ def _all_convs_with_slots(name, kwargs, x_shape):
 def test_groupnorm_default_groups_and_bad_num_groups():
   model = get_model("efficientnet_b0", norm="group")
   x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  variables, calls = _trace_init(model, x.shape)
   _, stats = jax.eval_shape(lambda v, x: model.apply(v, x, mutable=["norm_stats"]),
                             variables, x)
-  calls = {c[1]: c[2][-1] for c in _layer_calls(model, x.shape) if c[0] == "norm"}
+  calls = {c[1]: c[2][-1] for c in calls if c[0] == "norm"}
   flat = traverse_util.flatten_dict(stats["norm_stats"])
   groups = {k[:-1]: v.shape[1] for k, v in flat.items() if k[-1] == "mean"}
   assert groups.keys() == calls.keys()
