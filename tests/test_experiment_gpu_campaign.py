@@ -18,18 +18,18 @@ def _png_ok(path):
 
 @pytest.mark.slow
 def test_gpu_campaign_tiny_on_cpu(tmp_path):
-  assert gpu_campaign.main(["--tiny", "--out", str(tmp_path), "--resnet_epochs", "4",
-                            "--effnet_epochs", "4", "--budget_s", "1200",
+  assert gpu_campaign.main(["--tiny", "--out", str(tmp_path), "--resnet_epochs", "2",
+                            "--effnet_epochs", "2", "--budget_s", "1200",
                             "--reserve_s", "30", "--peak_tflops", "1.0"]) == 0
   s = json.loads((tmp_path / "campaign.json").read_text())
   assert [r["model"] for r in s["runs"]] == ["resnet18", "efficientnet_b3"]
   for r in s["runs"]:
-    assert r["status"] == "completed" and r["steps"] == 4
+    assert r["status"] == "completed" and r["steps"] == 2
     assert r["flops_per_step"] > 0 and r["step_time_median_s"] > 0
     assert r["mfu"] == pytest.approx(r["flops_per_step"] / r["step_time_median_s"] / 1e12)
     for fig in ("fig1_weights.png", "fig2_variances.png", "fig3_selected_layers.png"):
       assert _png_ok(tmp_path / r["model"] / "dynamics" / fig)
-    assert r["dynamics"]["steps"] == [0, 4]
+    assert r["dynamics"]["steps"] == [0, 2]
   assert "| resnet18 | completed |" in (tmp_path / "campaign.md").read_text()
 
 
