@@ -47,7 +47,8 @@ def test_bad_flags_are_one_line_exit_2(tmp_path):
       ((default, f"--workdir={tmp_path / 'w'}", "--config.num_train_steps=abc"),
        "num_train_steps=abc"),                                             # not an int
       ((default, f"--workdir={tmp_path / 'w'}", "--config.model.norm_options.num_groupz=8"),
-       "no such config key 'num_groupz'; did you mean 'num_groups'"),
+       "error: --config.model.norm_options.num_groupz=8: no such config key 'num_groupz'; "
+       "did you mean 'num_groups'? (all fields: lipnorm/training/config_schema.py)"),
       ((default, f"--workdir={tmp_path / 'afile'}"), "is not a directory"),
       ((default, f"--workdir={tmp_path / 'w'}", "--config.model.norm=group",
         "--config.model.norm_options.num_groups=5"), "num_groups=5 does not divide"),
