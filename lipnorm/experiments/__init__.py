@@ -183,7 +183,7 @@ def _correlate_cifar():
 
 
 def _correlate_cpu_small():
-  """E5 at the size of a busy 2-core CPU: 42 small relu_nets and 10 cnns on the first
+  """E5 at the size of a busy 2-core CPU: 42 small relu_nets and 5 cnns on the first
   2,000 CIFAR-10 training images, each trained to train cross-entropy 0.05 or 600 steps
   (about 38 epochs at batch 128), so that the nets overfit and the gap is real. About
   20-40 s per relu_net and a few minutes per cnn on one busy core."""
@@ -206,10 +206,10 @@ def _correlate_cpu_small():
       {"norm": ("group", "rms"), "width": (64, 256)},
       # every normalizer at two learning rates
       {"norm": ("none", "batch", "layer", "rms"), "lr": (0.01, 0.05)},
-      # the CNN (widths 16/32/64, 2 convs per stage) with each normalizer at two
-      # learning rates
+      # the CNN (widths 16/32/64, 2 convs per stage) with each normalizer, at the
+      # learning rate that fits 2,000 images fastest of the grid's
       {"model": "cnn", "depth": 2, "width": 16,
-       "norm": ("none", "batch", "layer", "group", "rms"), "lr": (0.01, 0.05)},
+       "norm": ("none", "batch", "layer", "group", "rms"), "lr": 0.05},
   )
   return c
 
