@@ -25,13 +25,15 @@ def _probed_config(**changes):
 
 @pytest.mark.slow
 def test_training_with_probes_ends_with_the_same_parameters(tmp_path):
-  """Probes every step (layers) and every 2 steps (Lipschitz, bound, Hessian) must not
-  change a single bit of the trained parameters or BN statistics."""
+  """Probes every step (layers; spectral norms every 3 steps and at the end) and every 2
+  steps (Lipschitz, bound, Hessian) must not change a single bit of the trained
+  parameters or BN statistics."""
   finals = {}
   for enabled in (False, True):
     c = _probed_config(**{"num_train_steps": 4, "eval_every_steps": 4,
                           "checkpoint_every_steps": 4, "probes.enabled": enabled,
-                          "probes.every_steps": 1, "probes.lipschitz_every_steps": 2})
+                          "probes.every_steps": 1, "probes.lipschitz_every_steps": 2,
+                          "probes.spectral_every_steps": 3})
     workdir = tmp_path / f"probes_{enabled}"
     summary = train(c, str(workdir), interactive=False)
     assert summary["status"] == "completed"
@@ -42,6 +44,8 @@ def test_training_with_probes_ends_with_the_same_parameters(tmp_path):
       layer_steps = sorted(r["step"] for r in probes if r["hook"] == "layers")
       lip_steps = sorted(r["step"] for r in probes if r["hook"] == "lipschitz")
       assert layer_steps == [0, 1, 2, 3, 4] and lip_steps == [0, 2, 4]
+      # exact weight norms every 3 steps and at the last one, where the series ends
+      assert sorted(r["step"] for r in probes if "weight_spectral" in r) == [0, 3, 4]
       lip = [r for r in probes if r["hook"] == "lipschitz"][-1]
       assert lip["eval/lip_x_max"] > 0 and lip["batch_fixed/lip_theta_max"] > 0
       assert lip["eval/bound"] >= lip["eval/lip_x_max"] * (1 - 1e-4)
@@ -69,9 +73,11 @@ def test_hooks_report_the_prober_values_and_strip_the_pmap_axis():
   batch = {"image": x, "label": jax.numpy.arange(16) % 10}
   variables = jax.jit(model.init)(jax.random.key(1), x[:1])   # one compile, not one per op
   variables = {k: variables[k] for k in ("params", "batch_stats")}
-  c = _probed_config(**{"probes.every_steps": 5, "probes.lipschitz_every_steps": 7})
+  c = _probed_config(**{"probes.every_steps": 5, "probes.lipschitz_every_steps": 7,
+                        "probes.spectral_every_steps": 10})
   c.probes.lipschitz_examples, c.probes.hessian_examples = 3, 0   # Hessian: test above
-  fns = dict((name, (every, fn)) for name, every, fn in probe_hook_fns(c, model, 10))
+  fns = dict((name, (every, fn)) for name, every, fn in
+             probe_hook_fns(c, model, 10, last_step=13))
   assert fns["layers"][0] == 5 and fns["lipschitz"][0] == 7
   logged = fns["layers"][1](0, variables, batch)     # batch mode works: axis stripped
   plain = get_model("relu_net", depth=3, width=8, norm="batch")
@@ -79,6 +85,11 @@ def test_hooks_report_the_prober_values_and_strip_the_pmap_axis():
   assert logged.keys() == direct.keys()
   for k in direct:
     np.testing.assert_allclose(logged[k], direct[k], rtol=1e-6)
+  # Spectral norms at steps divisible by spectral_every and at the last step only.
+  spectral_keys = {k for k in direct if k.startswith("weight_spectral")}
+  assert spectral_keys
+  assert spectral_keys <= set(fns["layers"][1](13, variables, batch))
+  assert not spectral_keys & set(fns["layers"][1](5, variables, batch))
   lip = fns["lipschitz"][1](0, variables, batch)
   assert {"eval/lip_x_max", "batch_fixed/lip_x_mean", "eval/bound"} <= set(lip)
   assert "hessian_top" not in lip

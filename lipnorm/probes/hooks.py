@@ -8,7 +8,7 @@ with probes on ends with the same parameters as one with probes off.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,20 +30,22 @@ def probe_inputs(probe_batch: Any) -> jax.Array:
 class LayerProbeHook:
   """Per-layer statistics (`LayerProber`) every `every` steps, flattened to lists; the
   exact weight operator norms (`weight_spectral*` keys) only at steps divisible by
-  `spectral_every` (they cost SVDs / power iterations; 0 = never)."""
+  `spectral_every` and at `last_step` (the run's final probe, so that every series ends
+  at the trained net), as they cost SVDs / power iterations (`spectral_every=0`: never)."""
 
   def __init__(self, model: nn.Module, every: int, *, bn_modes: Sequence[str] = ("eval",),
-               spectral_every: int = 1):
+               spectral_every: int = 1, last_step: Optional[int] = None):
     if not isinstance(every, int) or every < 1:
       raise ValueError(f"LayerProbeHook every={every!r} must be a positive integer")
     if not isinstance(spectral_every, int) or spectral_every < 0:
       raise ValueError(f"LayerProbeHook spectral_every={spectral_every!r} must be an "
                        "integer >= 0")
-    self.every, self.spectral_every = every, spectral_every
+    self.every, self.spectral_every, self.last_step = every, spectral_every, last_step
     self.prober = LayerProber(model, bn_modes=bn_modes, spectral=False)
 
   def __call__(self, step: int, variables: Any, probe_batch: Any) -> dict:
-    spectral = self.spectral_every > 0 and step % self.spectral_every == 0
+    spectral = self.spectral_every > 0 and (step % self.spectral_every == 0
+                                            or step == self.last_step)
     return flatten_probes(self.prober(variables, probe_inputs(probe_batch),
                                       spectral=spectral))
 
@@ -101,12 +103,14 @@ def probe_option(config: Any, key: str) -> Any:
   return PROBE_OPTIONS[key]
 
 
-def probe_hook_fns(config: Any, model: nn.Module, num_classes: int
+def probe_hook_fns(config: Any, model: nn.Module, num_classes: int,
+                   last_step: Optional[int] = None
                    ) -> list[tuple[str, int, Callable[[int, Any, Any], dict]]]:
   """(name, every, fn) of the hooks `config.probes` asks for (none when disabled).
   `model` may be the training model (BN synced over the pmap axis `bn_axis_name`): the
   hooks run on the host, outside pmap, so they measure it without that axis. `config`
-  is a validated training config (`validate_config` checks `config.probes` once)."""
+  is a validated training config (`validate_config` checks `config.probes` once).
+  `last_step`: the run's final step (its layer probe includes the spectral norms)."""
   if not probe_option(config, "enabled"):
     return []
   if getattr(model, "bn_axis_name", None) is not None:
@@ -115,7 +119,8 @@ def probe_hook_fns(config: Any, model: nn.Module, num_classes: int
       ("layers", int(probe_option(config, "every_steps")),
        LayerProbeHook(model, int(probe_option(config, "every_steps")),
                       bn_modes=probe_option(config, "bn_modes"),
-                      spectral_every=int(probe_option(config, "spectral_every_steps"))))]
+                      spectral_every=int(probe_option(config, "spectral_every_steps")),
+                      last_step=last_step))]
   every = int(probe_option(config, "lipschitz_every_steps"))
   if probe_option(config, "lipschitz"):
     hooks.append(("lipschitz", every, LipschitzHook(

@@ -13,7 +13,8 @@ PROBE_OPTIONS: dict[str, Any] = {
     "batch_size": 256,              # the fixed probe batch (first train examples)
     "bn_modes": (EVAL, BATCH),      # layer statistics in these FORWARD_BN_MODES (lipnorm.bn_modes)
     "spectral_every_steps": 500,    # exact weight operator norms at layer probes of steps
-                                    # divisible by this (SVDs / conv power iterations; 0: never)
+                                    # divisible by this and at the last step (SVDs / conv
+                                    # power iterations; 0: never)
     "lipschitz": True,              # run the Lipschitz hook at all
     "lipschitz_examples": 8,        # examples of the probe batch for local Lipschitz constants
     "lipschitz_bn_modes": (EVAL,),  # LIPSCHITZ_BN_MODES; add "batch_fixed" for training mode

@@ -43,9 +43,10 @@ class Hook:
     return step == 0 or step == last_step or step % self.every == 0
 
 
-def build_hooks(config, model, ds) -> list[Hook]:
+def build_hooks(config, model, ds, last_step: int | None = None) -> list[Hook]:
   """The hooks `config.probes` asks for (`lipnorm.probes.hooks.probe_hook_fns`): layer
-  statistics every `probes.every_steps` ("layers") and Lipschitz constants, bounds and
+  statistics every `probes.every_steps` ("layers"; with the spectral norms every
+  `probes.spectral_every_steps` and at `last_step`) and Lipschitz constants, bounds and
   the top Hessian eigenvalue every `probes.lipschitz_every_steps` ("lipschitz")."""
-  return [Hook(name, every, fn)
-          for name, every, fn in probe_hook_fns(config, model, ds.info.num_classes)]
+  return [Hook(name, every, fn) for name, every, fn in
+          probe_hook_fns(config, model, ds.info.num_classes, last_step=last_step)]

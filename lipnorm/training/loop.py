@@ -310,7 +310,8 @@ def _run(built: _Built, workdir, checkpointer, host_state, train_iterator, start
   summary (the caller closes the iterator and the checkpointer)."""
   config, ds, model = built.config, built.ds, built.model
   devices, is_main = jax.local_devices(), jax.process_index() == 0
-  hooks = tuple(build_hooks(config, model, ds)) + tuple(extra_hooks)
+  hooks = tuple(build_hooks(config, model, ds, last_step=built.total_steps)) + tuple(
+      extra_hooks)
   p_train, p_eval = make_steps(config, model, built.tx, ds.info.num_classes)
   run = _Run(config=config, workdir=workdir, ds=ds, devices=devices, is_main=is_main,
              total_steps=built.total_steps, schedule=built.schedule,
