@@ -4,14 +4,17 @@
 into loggable scalars and per-layer lists. `lipnorm.probes.hooks.probe_hook_fns` builds
 the training-loop hooks from `config.probes` (`lipnorm.probes.options`).
 """
-from lipnorm.bn_modes import FORWARD_BN_MODES
-from lipnorm.probes.layer_stats import (LINEAR_STATS, NORM_STATS_KEYS, LayerProbes,
-                                        amplifying_mask, assemble, group_gains, make_probe_fn)
-from lipnorm.probes.layout import ProbeLayout, probe_layout
-from lipnorm.probes.prober import (LayerProber, flatten_probes, weight_operator_norms,
-                                   weight_spectral_norms)
+from lipnorm.lazy_exports import lazy_exports
 
-__all__ = ["FORWARD_BN_MODES", "LINEAR_STATS", "NORM_STATS_KEYS", "LayerProbes",
-           "amplifying_mask", "assemble", "group_gains", "make_probe_fn", "ProbeLayout",
-           "probe_layout", "LayerProber", "flatten_probes", "weight_operator_norms",
-           "weight_spectral_norms"]
+# Imported on first use: `lipnorm.probes.options` (read by the config schema) loads
+# without JAX.
+_EXPORTS = {
+    "FORWARD_BN_MODES": "options",
+    **dict.fromkeys(["LINEAR_STATS", "NORM_STATS_KEYS", "LayerProbes", "amplifying_mask",
+                     "assemble", "group_gains", "make_probe_fn"], "layer_stats"),
+    "ProbeLayout": "layout", "probe_layout": "layout",
+    **dict.fromkeys(["LayerProber", "flatten_probes", "weight_operator_norms",
+                     "weight_spectral_norms"], "prober"),
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

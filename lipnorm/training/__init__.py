@@ -8,17 +8,20 @@ reading rule, typed records), `metrics_writer` (JSONL + TensorBoard writer, prog
 `hooks` (extension point for probes), `distributed` (multi-host), `workdir` (the
 directory and its config.json), `loop` (the run).
 """
-from lipnorm.training.checkpointing import load_checkpoint
-from lipnorm.training.config_schema import ConfigError, base_config, validate_config
-from lipnorm.training.hooks import Hook, build_hooks
-from lipnorm.training.loop import EXIT_CODES, evaluate, num_train_steps, train
-from lipnorm.training.optim import (make_optimizer, make_schedule, optimizer_names,
-                                    schedule_names)
-from lipnorm.training.run_log import read_metrics, read_records, read_summary
-from lipnorm.training.state import TrainState, build_model, create_train_state
+from lipnorm.lazy_exports import lazy_exports
 
-__all__ = ["load_checkpoint", "ConfigError", "base_config", "validate_config", "Hook",
-           "build_hooks", "EXIT_CODES", "evaluate", "num_train_steps", "train",
-           "make_optimizer", "make_schedule", "optimizer_names", "schedule_names",
-           "TrainState", "build_model", "create_train_state", "read_metrics", "read_records",
-           "read_summary"]
+# Imported on first use: `lipnorm.training.config_schema` (all `train.py` needs to refuse a
+# bad flag or config) then loads without JAX.
+_EXPORTS = {
+    "load_checkpoint": "checkpointing",
+    "ConfigError": "config_schema", "base_config": "config_schema",
+    "validate_config": "config_schema",
+    "Hook": "hooks", "build_hooks": "hooks",
+    "EXIT_CODES": "loop", "evaluate": "loop", "num_train_steps": "loop", "train": "loop",
+    "make_optimizer": "optim", "make_schedule": "optim", "optimizer_names": "optim",
+    "schedule_names": "optim",
+    "read_metrics": "run_log", "read_records": "run_log", "read_summary": "run_log",
+    "TrainState": "state", "build_model": "state", "create_train_state": "state",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
