@@ -9,8 +9,8 @@ from typing import Callable, Mapping
 
 def lazy_exports(package: str, exports: Mapping[str, str]
                  ) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
-  """(`__getattr__`, `__dir__`) for `package`: `exports` maps each public name to the
-  submodule (relative to `package`) that defines it. Submodules not yet imported are
+  """(`__getattr__`, `__dir__`) for `package`: `exports` maps each public name to a
+  submodule (relative to `package`) that provides it. Submodules not yet imported are
   reachable as attributes too, as with eager imports."""
   def __getattr__(name: str) -> object:
     if name in exports:
