@@ -13,6 +13,7 @@ from flax import linen as nn
 from lipnorm import lipschitz
 from lipnorm.data import get_dataset
 from lipnorm.models import get_model
+from lipnorm.probes.hooks import measurement_model
 from lipnorm.probes.lipschitz_metrics import lipschitz_metrics
 from lipnorm.training import base_config, build_model as build_training_model
 from lipnorm.training import load_checkpoint, train
@@ -94,7 +95,7 @@ def with_norm(train_cfg: ml_collections.ConfigDict, norm: str, options: Mapping[
 
 @dataclasses.dataclass
 class Run:
-  model: nn.Module           # single-device model (no BN axis)
+  model: nn.Module           # `measurement_model`: single-device (no BN axis), float32
   variables: dict            # final (or last finite) params / batch_stats
   data: Data
   summary: dict
@@ -137,7 +138,8 @@ def train_and_load(train_cfg: ml_collections.ConfigDict, workdir: str | pathlib.
   if state.get("batch_stats"):
     variables["batch_stats"] = state["batch_stats"]
   variables = jax.tree.map(jnp.asarray, variables)
-  model = build_training_model(train_cfg, data.num_classes, pmap=False)
+  # Measured as the probes measure it: a bfloat16 run as the float32 net of its params.
+  model = measurement_model(build_training_model(train_cfg, data.num_classes, pmap=False))
   return Run(model, variables, data, summary, workdir)
 
 

@@ -20,6 +20,22 @@ from lipnorm.probes.options import PROBE_OPTIONS
 from lipnorm.probes.prober import LayerProber, flatten_probes
 
 
+def measurement_model(model: nn.Module) -> nn.Module:
+  """The module that probes and experiments measure for a training `model`: the same
+  function of the same variables, without the pmap axis (`bn_axis_name`: measurements
+  run on the host, outside pmap) and computing in float32. A bfloat16 training model
+  keeps float32 parameters; measuring it in bfloat16 would give Jacobians with about 3
+  significant digits, power and Lanczos iterations that cannot reach their tolerance,
+  and `eigh` has no bfloat16 kernel. So a mixed-precision run is measured as the
+  float32 network its parameters define."""
+  changes = {}
+  if getattr(model, "bn_axis_name", None) is not None:
+    changes["bn_axis_name"] = None
+  if jnp.dtype(getattr(model, "dtype", None) or jnp.float32) != jnp.float32:
+    changes["dtype"] = jnp.float32
+  return model.clone(**changes) if changes else model
+
+
 def probe_inputs(probe_batch: Any) -> jax.Array:
   """The images of a probe batch (`{"image": [N, ...], "label": [N]}` or an array)."""
   if isinstance(probe_batch, Mapping):
@@ -107,14 +123,14 @@ def probe_hook_fns(config: Any, model: nn.Module, num_classes: int,
                    last_step: Optional[int] = None
                    ) -> list[tuple[str, int, Callable[[int, Any, Any], dict]]]:
   """(name, every, fn) of the hooks `config.probes` asks for (none when disabled).
-  `model` may be the training model (BN synced over the pmap axis `bn_axis_name`): the
-  hooks run on the host, outside pmap, so they measure it without that axis. `config`
+  `model` may be the training model (BN synced over the pmap axis `bn_axis_name`, or
+  computing in bfloat16): the hooks measure `measurement_model(model)`, without that
+  axis and in float32. `config`
   is a validated training config (`validate_config` checks `config.probes` once).
   `last_step`: the run's final step (its layer probe includes the spectral norms)."""
   if not probe_option(config, "enabled"):
     return []
-  if getattr(model, "bn_axis_name", None) is not None:
-    model = model.clone(bn_axis_name=None)
+  model = measurement_model(model)
   hooks: list[tuple[str, int, Callable]] = [
       ("layers", int(probe_option(config, "every_steps")),
        LayerProbeHook(model, int(probe_option(config, "every_steps")),
