@@ -139,6 +139,9 @@ def test_schedules_match_formulas():
   np.testing.assert_allclose([float(s(t)) for t in (49, 50, 74, 75, 99)],
                              [1.0, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
   assert float(make_schedule(_config(**{"schedule.name": "constant"}), 100)(77)) == 0.1
+  # With num_epochs the step count is known only here: a warmup as long as the run fails.
+  with pytest.raises(ConfigError, match=r"warmup_steps=100 .*fewer than the run's 100"):
+    make_schedule(_config(**{"schedule.warmup_steps": 100}), 100)
 
 
 def _one_update(config, params, grads):

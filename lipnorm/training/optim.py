@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import optax
 
 from lipnorm.registry import Registry
+from lipnorm.training.config_schema import ConfigError
 
 ScheduleFactory = Callable[..., optax.Schedule]
 OptimizerFactory = Callable[..., optax.GradientTransformation]
@@ -50,6 +51,11 @@ def make_schedule(config, total_steps: int) -> optax.Schedule:
   from 0, then `schedule.name` over the remaining steps."""
   lr = float(config.optimizer.learning_rate)
   warmup = int(config.schedule.warmup_steps)
+  if warmup and warmup >= total_steps:
+    # validate_config checks this for num_train_steps; with num_epochs the step count
+    # is known only once the dataset's size is (here, still before any training).
+    raise ConfigError(f"config.schedule.warmup_steps={warmup} is not allowed; allowed: "
+                      f"fewer than the run's {total_steps} training steps")
   main = SCHEDULES.get(config.schedule.name)(config.schedule, lr, total_steps - warmup)
   if warmup == 0:
     return main
