@@ -23,6 +23,7 @@ def test_gpu_campaign_tiny_on_cpu(tmp_path):
                             "--reserve_s", "30", "--peak_tflops", "1.0"]) == 0
   s = json.loads((tmp_path / "campaign.json").read_text())
   assert [r["model"] for r in s["runs"]] == ["resnet18", "efficientnet_b3"]
+  assert s["lipschitz"] is False
   for r in s["runs"]:
     assert r["status"] == "completed" and r["steps"] == 2
     assert r["flops_per_step"] > 0 and r["step_time_median_s"] > 0
@@ -38,9 +39,15 @@ def test_campaign_configs_are_the_gpu_presets_in_bf16():
     c = gpu_campaign.campaign_config(name, 3.0, tiny=False, data_dir="/data")
     assert c.dtype == "bfloat16" and c.probes.enabled and c.model.norm == "batch"
     assert c.data.source == "cifar10" and c.data.data_dir == "/data" and c.num_epochs == 3.0
+    assert c.schedule.warmup_steps <= 3 * 50000 // 128 // 10   # a tenth of the schedule
+    assert not c.probes.lipschitz and gpu_campaign.campaign_config(
+        name, 3.0, tiny=False, data_dir=None, lipschitz=True).probes.lipschitz
   kind, peak = gpu_campaign.device_peak(None)
   assert isinstance(kind, str) and (math.isnan(peak) or peak > 1e12)
   assert gpu_campaign.device_peak(2.0)[1] == 2e12
+  # cost_analysis() comes as a dict, a one-element list, or nothing (e.g. on a GPU)
+  assert gpu_campaign._flops([{"flops": 3.0}]) == gpu_campaign._flops({"flops": 3.0}) == 3.0
+  assert gpu_campaign._flops(None) is None and gpu_campaign._flops([]) is None
 
 
 @pytest.mark.slow
@@ -52,3 +59,25 @@ def test_stop_after_preempts_training(tmp_path):
     summary = train(c, str(tmp_path), interactive=False)
   assert summary["status"] == "preempted" and 0 < summary["step"] < 100000
   assert time.time() - t0 < 120
+
+
+@pytest.mark.slow
+def test_phase_times_tiny_on_cpu(capsys):
+  """bench/gpu_phase_times.py at tiny size: one JSON line per phase, the training step
+  timed and its MFU computed, each probe part called twice (compile, then reuse)."""
+  from bench import gpu_phase_times
+  assert gpu_phase_times.main(["--tiny", "--steps", "8", "--models", "resnet18",
+                               "--peak_tflops", "1.0"]) == 0
+  lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  assert lines[0]["device"] and lines[0]["peak_flops"] == 1e12
+  phases = {l["phase"]: l for l in lines[1:]}
+  assert list(phases) == ["train", "layers", "lip_x", "lip_theta", "bound", "hessian"]
+  train = phases["train"]
+  assert train["steps"] == 8 and train["step_time_median_s"] > 0
+  assert train["mfu"] == pytest.approx(train["flops_per_step"] / train["step_time_median_s"]
+                                       / 1e12)
+  for name in ("layers", "lip_x", "lip_theta", "bound", "hessian"):
+    assert phases[name]["first_call_s"] > 0 and phases[name]["second_call_s"] > 0
+  assert phases["lip_theta"]["values"]["eval/lip_theta_max"] > 0
+  assert phases["bound"]["values"]["eval/bound"] >= phases["bound"]["values"][
+      "eval/lip_x_max"] * (1 - 1e-5)
