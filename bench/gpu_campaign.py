@@ -1,5 +1,8 @@
 """The prepared accelerator campaign: ResNet-18 (BN) then EfficientNet-B3 (BN) on CIFAR-10
-in bfloat16 with probes on, inside one wall-clock budget (default 9 minutes).
+in bfloat16 with the layer probes on (Figures 1-3; the Lipschitz probes with
+`--lipschitz`, measured in float32), inside one wall-clock budget (default 9 minutes).
+Size it first with `bench/gpu_phase_times.py` (one H200: ResNet-18 5.2 ms per step,
+EfficientNet-B3 22 ms plus about 3 minutes of compiling; results/gpu_campaign/).
 
   PYTHONPATH=$PWD python bench/gpu_campaign.py --data_dir /path/with/cifar10 \
       --out runs/gpu_campaign                     # ~9 minutes on one GPU

@@ -66,14 +66,14 @@ def test_phase_times_tiny_on_cpu(capsys):
   """bench/gpu_phase_times.py at tiny size: one JSON line per phase, the training step
   timed and its MFU computed, each probe part called twice (compile, then reuse)."""
   from bench import gpu_phase_times
-  assert gpu_phase_times.main(["--tiny", "--steps", "8", "--models", "resnet18",
+  assert gpu_phase_times.main(["--tiny", "--steps", "2", "--models", "resnet18",
                                "--peak_tflops", "1.0"]) == 0
   lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
   assert lines[0]["device"] and lines[0]["peak_flops"] == 1e12
   phases = {l["phase"]: l for l in lines[1:]}
   assert list(phases) == ["train", "layers", "lip_x", "lip_theta", "bound", "hessian"]
   train = phases["train"]
-  assert train["steps"] == 8 and train["step_time_median_s"] > 0
+  assert train["steps"] == 2 and train["step_time_median_s"] > 0
   assert train["mfu"] == pytest.approx(train["flops_per_step"] / train["step_time_median_s"]
                                        / 1e12)
   for name in ("layers", "lip_x", "lip_theta", "bound", "hessian"):
