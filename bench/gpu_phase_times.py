@@ -95,23 +95,29 @@ def main(argv=None) -> int:
   p.add_argument("--tiny", action="store_true")
   p.add_argument("--peak_tflops", type=float, default=None)
   args = p.parse_args(argv)
+  phases, models = args.phases.split(","), args.models.split(",")
+  known = [name for name, _ in gpu_campaign.MODELS]
+  for given, allowed, flag in ((phases, ["train", "probes"], "--phases"),
+                               (models, known, "--models")):
+    bad = [v for v in given if v not in allowed]
+    if bad:   # before any compile
+      p.error(f"{flag}: {', '.join(map(repr, bad))} not allowed; allowed: "
+              f"{', '.join(allowed)}")
   kind, peak = gpu_campaign.device_peak(args.peak_tflops)
   emit(device=kind, peak_flops=peak, jax=jax.__version__)
   # Phase-major: every model's step time comes before the (longer) probe timings.
-  for phase in args.phases.split(","):
+  for phase in phases:
     for name, config_name in gpu_campaign.MODELS:
-      if name not in args.models.split(","):
+      if name not in models:
         continue
       c = gpu_campaign.campaign_config(config_name, 1.0, tiny=args.tiny,
                                        data_dir=args.data_dir)
       if phase == "train":
         with tempfile.TemporaryDirectory() as d:
           time_training(name, c, args.steps, pathlib.Path(d), peak)
-      elif phase == "probes":
+      else:
         time_probes(name, c, *((2, 8) if args.tiny else
                                (c.probes.lipschitz_examples, c.probes.hessian_examples)))
-      else:
-        p.error(f"--phases: {phase!r} is not a phase; allowed: train, probes")
   return 0
 
 

@@ -61,6 +61,16 @@ def test_stop_after_preempts_training(tmp_path):
   assert time.time() - t0 < 120
 
 
+def test_phase_times_refuses_unknown_phases_and_models_first(capsys):
+  from bench import gpu_phase_times
+  for flags, bad in ((["--phases", "train,nope"], "'nope'"), (["--models", "vgg"], "'vgg'")):
+    with pytest.raises(SystemExit) as e:
+      gpu_phase_times.main(["--tiny", *flags])
+    assert e.value.code == 2
+    out = capsys.readouterr()
+    assert bad in out.err and "allowed" in out.err and not out.out   # nothing ran
+
+
 @pytest.mark.slow
 def test_phase_times_tiny_on_cpu(capsys):
   """bench/gpu_phase_times.py at tiny size: one JSON line per phase, the training step
