@@ -167,17 +167,22 @@ def device_peak(peak_tflops: float | None) -> tuple[str, float]:
   return kind, float("nan")
 
 
+def train_rates(workdir: pathlib.Path) -> np.ndarray:
+  """steps/s of each training log window of the run in `workdir`, in order (finite and
+  positive ones; empty when there are none)."""
+  try:
+    _, rates = series(read_records(workdir), "train", "steps_per_sec")
+  except ValueError:
+    return np.zeros(0)
+  return rates[np.isfinite(rates) & (rates > 0)]
+
+
 def run_model(name: str, config, workdir: pathlib.Path, seconds: float) -> dict:
   t0 = time.time()
   with stop_after(seconds):
     summary = train(config, str(workdir), interactive=False)
   wall = time.time() - t0
-  records = read_records(workdir)
-  try:
-    _, rates = series(records, "train", "steps_per_sec")
-    rates = rates[np.isfinite(rates) & (rates > 0)]
-  except ValueError:
-    rates = np.zeros(0)
+  rates = train_rates(workdir)
   return {"model": name, "status": summary.get("status"), "steps": summary.get("step"),
           "wall_s": wall, "final": summary.get("final"),
           "steps_per_sec_mean": summary.get("steps_per_sec"),

@@ -29,7 +29,6 @@ import numpy as np
 
 from bench import gpu_campaign
 from lipnorm.experiments import common
-from lipnorm.experiments.records import read_records, series
 from lipnorm.probes.hooks import LayerProbeHook, LipschitzHook, measurement_model
 from lipnorm.training import build_model as build_training_model
 from lipnorm.training import train
@@ -48,8 +47,7 @@ def time_training(name: str, cfg, steps: int, workdir: pathlib.Path, peak: float
   t0 = time.time()
   summary = train(cfg, str(workdir), interactive=False)
   wall = time.time() - t0
-  records = read_records(workdir)
-  _, rates = series(records, "train", "steps_per_sec")
+  rates = gpu_campaign.train_rates(workdir)
   later = rates[1:] if rates.size > 1 else rates       # the first window holds the compile
   step_t = float(np.median(1.0 / later))
   data = common.load_data(cfg, 1)
