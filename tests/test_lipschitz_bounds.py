@@ -214,3 +214,21 @@ def test_factors_below_one_never_raise_the_bound(name, kwargs, shape):
   xs = jax.random.normal(jax.random.key(0), (6, *shape))
   assert float(jnp.max(input_lipschitz(model, v, xs, bn_mode="eval").value)) <= \
       rep.normalized_bound
+
+
+def test_a_diverged_net_has_no_bound_and_its_probe_reads_nan():
+  """NaN weights after the last normalizer leave its statistics finite: the bound
+  raises NonFiniteError naming the leaf (it was a NumPy SVD failure), the probe NaN."""
+  from lipnorm import lipschitz
+  from lipnorm.probes import lipschitz_metrics
+  model = get_model("relu_net", num_classes=3, depth=2, width=4, norm="layer")
+  xs = jnp.ones((2, 5)).at[1].set(jnp.arange(5.0))
+  v = model.init(jax.random.PRNGKey(0), xs, train=False)
+  v = {"params": {**v["params"], "dense_1": {**v["params"]["dense_1"],
+                                             "kernel": v["params"]["dense_1"]["kernel"] * jnp.nan}}}
+  stats = normalizer_stats(model, v, xs)
+  assert all(np.isfinite(np.asarray(s)).all() for s in jax.tree_util.tree_leaves(stats))
+  with pytest.raises(lipschitz.NonFiniteError, match=r"\['dense_1'\]\['kernel'\]"):
+    upper_bound(model, v, input_shape=(5,), stats=stats)
+  out = lipschitz_metrics.bounds(model, v, xs, "eval")
+  assert out and all(math.isnan(x) for x in out.values())

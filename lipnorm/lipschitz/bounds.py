@@ -502,11 +502,14 @@ def upper_bound(model, variables: Mapping, *, input_shape: Sequence[int],
     paper: False skips the unfolded norms of the kernels a normalizer folds into (about
       half the conv work of a BN ResNet): `paper_bound`, `product_bound`, `estimate`
       and those entries' `upper` are then NaN; `certified_bound` is unchanged.
+
+  Raises NonFiniteError when `variables` hold NaN or inf.
   """
   model_info.check_bn_mode(bn_mode)
   node = model_info.structure_of(model)
   if node is None:
     raise ValueError(f"{type(model).__name__} has no structure(); see lipnorm.models.structure")
+  model_info.check_finite_variables(variables)
   input_shape = tuple(int(d) for d in input_shape)
   calls = model_info.module_calls(model, variables, input_shape)
   comp = _Composer(variables, calls, bn_mode, stats,

@@ -170,6 +170,15 @@ def example_sizes(model: nn.Module, variables: Mapping, example_shape: Sequence[
                       compute)
 
 
+def check_finite_variables(variables: Mapping) -> None:
+  """NonFiniteError naming the first leaf of `variables` that holds NaN or inf (a
+  diverged net): a bound of such weights would be NaN, or a NumPy SVD failure."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    if not isinstance(leaf, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(leaf))):
+      raise NonFiniteError(f"variables{jax.tree_util.keystr(path)} holds non-finite "
+                           "values (NaN or inf): a diverged net has no bound")
+
+
 def check_batch(model: nn.Module, variables: Mapping, xs: jax.Array) -> tuple[int, int]:
   """ValueError unless `xs` is a batch `[N, ...]` the model accepts (NonFiniteError when
   it holds NaN or inf); returns
