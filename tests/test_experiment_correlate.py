@@ -133,3 +133,30 @@ def test_correlate_tiny_end_to_end_and_resume(tmp_path, monkeypatch):
 
 def test_kendall_used_by_correlate_is_stats():
   assert correlate.stats.kendall_tau is stats.kendall_tau
+
+
+def test_step_cap_per_model_is_validated_and_reported():
+  c = get_config("correlate", "tiny")
+  assert correlate.step_cap(c, "cnn") == correlate.step_cap(c, "relu_net") == 40
+  c.max_steps_per_model = {"cnn": 70}
+  assert correlate.step_cap(c, "cnn") == 70 and correlate.step_cap(c, "relu_net") == 40
+  for bad in ({"mlp": 70}, {"cnn": 0}, {"cnn": 7.5}):
+    c.max_steps_per_model = bad
+    with pytest.raises(ValueError, match=r"max_steps_per_model=.*allowed: models"):
+      correlate.run_correlate(c)
+  s = {"num_nets": 0, "seeds": [0], "target_loss": 0.05, "max_steps": 600,
+       "max_steps_per_model": {"cnn": 3000}, "axes": [], "num_reached_target": 0,
+       "correlations": [], "nets": []}
+  assert "0.05 or 600 steps (cnn: 3000)" in correlate.correlate_markdown(s)
+
+
+def test_bound_measures_of_a_diverged_net_are_nan():
+  import jax
+  from lipnorm import models
+  model = models.get_model("relu_net", num_classes=3, depth=2, width=4, norm="none")
+  xs = jax.numpy.ones((2, 5))
+  v = model.init(jax.random.PRNGKey(0), xs, train=False)
+  v = jax.tree_util.tree_map(lambda a: a * np.nan, v)
+  out = correlate.bound_measures(model, v, xs)
+  assert set(out) == {*correlate.BOUND_FIELDS, "norm_factor_product"}
+  assert all(math.isnan(x) for x in out.values())

@@ -3,7 +3,8 @@
 A grid of nets (relu_net / cnn varying depth, width, normalizer and the number k of
 normalized layers, learning rate, weight decay and batch size) is trained on a training
 subset until the training cross-entropy (mean over the last logged window) reaches
-`target_loss`, or `max_steps`. For each final net:
+`target_loss`, or a step cap (`max_steps`, or the model's entry of
+`max_steps_per_model`: a cnn fits more slowly than a small relu_net). For each final net:
 
 * the generalization gap: train - test accuracy ("gap") and test - train cross-entropy
   ("gap_loss"), both in eval mode on the unaugmented train subset / the full test split;
@@ -68,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.schedule.name = "constant"   # training continues in chunks to the target
   c.target_loss = 0.05                 # stop when the train cross-entropy is below this
   c.max_steps = 4000                   # ... or at this many steps
+  c.max_steps_per_model = ml_collections.ConfigDict()   # model -> its own step cap
   c.chunk_steps = 500                  # check the target every this many steps
   c.seeds = stats.seeds_field()   # None = train.seed only; a count or a list
   # Every net: `base` updated by one point of one block (each block: a dict whose tuple
@@ -159,12 +161,19 @@ def train_config(c: ml_collections.ConfigDict, net: dict, seed: int
 
 # ------------------------------------------------------------------------- train, measure
 
-def train_to_target(c, tcfg: ml_collections.ConfigDict, workdir: pathlib.Path
+def step_cap(c, model: str) -> int:
+  """The step cap of a net of `model`: `c.max_steps_per_model[model]`, else `c.max_steps`."""
+  return int(c.max_steps_per_model.get(model, c.max_steps))
+
+
+def train_to_target(c, tcfg: ml_collections.ConfigDict, workdir: pathlib.Path,
+                    max_steps: int | None = None
                     ) -> tuple[ml_collections.ConfigDict, dict]:
   """Trains in chunks of `c.chunk_steps` (resuming the workdir, constant learning rate)
-  until the last logged training loss is <= `c.target_loss` or `c.max_steps` steps.
-  Returns (the config of the last chunk, its summary)."""
-  steps = min(int(c.chunk_steps), int(c.max_steps))
+  until the last logged training loss is <= `c.target_loss` or `max_steps` steps
+  (default `c.max_steps`). Returns (the config of the last chunk, its summary)."""
+  cap = int(c.max_steps if max_steps is None else max_steps)
+  steps = min(int(c.chunk_steps), cap)
   while True:
     tcfg = tcfg.copy_and_resolve_references()
     tcfg.num_train_steps = steps
@@ -173,9 +182,9 @@ def train_to_target(c, tcfg: ml_collections.ConfigDict, workdir: pathlib.Path
     summary = common.train_run(tcfg, workdir, override_config=True)
     loss = (summary.get("final") or {}).get("train_loss", math.nan)
     if (summary.get("status") != "completed" or not loss > c.target_loss
-        or steps >= c.max_steps):
+        or steps >= cap):
       return tcfg, summary
-    steps = min(steps + int(c.chunk_steps), int(c.max_steps))
+    steps = min(steps + int(c.chunk_steps), cap)
 
 
 def bound_measures(model, variables, xs) -> dict[str, float]:
@@ -185,9 +194,7 @@ def bound_measures(model, variables, xs) -> dict[str, float]:
     st = lipschitz.normalizer_stats(model, variables, xs, bn_mode="eval")
     report = lipschitz.upper_bound(model, variables, input_shape=tuple(xs.shape[1:]),
                                    stats=st, bn_mode="eval")
-  except ValueError as e:         # a non-finite (diverged) net
-    if "finite" not in str(e):
-      raise
+  except lipschitz.NonFiniteError:        # a diverged net
     return {**{k: math.nan for k in BOUND_FIELDS}, "norm_factor_product": math.nan}
   out = {}
   for name, fields in BOUND_FIELDS.items():
@@ -232,7 +239,8 @@ def run_net(c, net: dict, seed: int, out: pathlib.Path) -> dict[str, Any]:
     return json.loads(path.read_text())
   t0 = time.time()
   workdir = out / "runs" / name
-  tcfg, summary = train_to_target(c, train_config(c, net, seed), workdir)
+  tcfg, summary = train_to_target(c, train_config(c, net, seed), workdir,
+                                  step_cap(c, net["model"]))
   run = common.train_and_load(tcfg, workdir, num_examples=c.num_examples)
   rec = {"id": net_id(net), "seed": seed, **net, "steps": int(summary.get("step", -1)),
          "status": summary.get("status"),
@@ -290,6 +298,12 @@ def run_correlate(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if not c.target_loss > 0 or int(c.max_steps) < 1 or int(c.chunk_steps) < 1:
     raise ValueError(f"correlate: target_loss={c.target_loss!r} must be > 0 and "
                      f"max_steps={c.max_steps!r}, chunk_steps={c.chunk_steps!r} >= 1")
+  caps = c.max_steps_per_model.to_dict()
+  bad_caps = {m: v for m, v in caps.items() if m not in MODELS
+              or isinstance(v, bool) or not isinstance(v, int) or v < 1}
+  if bad_caps:
+    raise ValueError(f"correlate: max_steps_per_model={bad_caps!r}; allowed: models "
+                     f"{list(MODELS)} mapped to int step caps >= 1")
   bad_axes = set(c.axes) - set(HYPERPARAMETERS)
   if bad_axes:
     raise ValueError(f"correlate: axes {sorted(bad_axes)} unknown; allowed: "
@@ -306,7 +320,8 @@ def run_correlate(config: ml_collections.ConfigDict) -> dict[str, Any]:
   missed = {r["id"] for r in records if not r["reached_target"]}
   reached = [n for n in nets_agg if n["id"] not in missed]
   summary = {"num_nets": len(nets), "seeds": seeds, "target_loss": c.target_loss,
-             "max_steps": int(c.max_steps), "axes": list(c.axes),
+             "max_steps": int(c.max_steps), "max_steps_per_model": caps,
+             "axes": list(c.axes),
              "num_reached_target": sum(r["reached_target"] for r in records),
              "correlations": corr, "nets": nets_agg,
              "num_nets_reached": len(reached),
@@ -348,6 +363,13 @@ def _scatter(nets: list[dict], out: pathlib.Path) -> None:
     plots.save(fig, out / f"{measure.replace('/', '_over_')}.png")
 
 
+def _caps_text(s: dict) -> str:
+  """'600 steps' or '600 steps (cnn: 3000)': the step caps of a summary."""
+  caps = s.get("max_steps_per_model") or {}
+  extra = ", ".join(f"{m}: {v}" for m, v in sorted(caps.items()))
+  return f"{s['max_steps']} steps" + (f" ({extra})" if extra else "")
+
+
 def correlate_markdown(s: dict) -> str:
   axes = s["axes"]
   def tau_rows(correlations):
@@ -372,7 +394,7 @@ def correlate_markdown(s: dict) -> str:
                      for a in axes) if s["correlations"] else ""
   return (f"# E5: does capacity predict generalization?\n\n"
           f"{s['num_nets']} nets x {len(s['seeds'])} seed(s) {s['seeds']}, trained to train "
-          f"cross-entropy <= {fmt(s['target_loss'])} or {s['max_steps']} steps "
+          f"cross-entropy <= {fmt(s['target_loss'])} or {_caps_text(s)} "
           f"({s['num_reached_target']} runs reached the target). `gap` = train - test "
           "accuracy, `gap_loss` = test - train cross-entropy (eval mode). tau: Kendall's "
           "tau-b over all nets (seed-averaged); per-axis columns: granulated tau (Jiang et "
