@@ -83,3 +83,15 @@ def test_granulated_tau_hand_case():
   # an axis that never varies alone has no group
   g = stats.granulated_tau(recs[:1] + recs[3:], "m", "gap", ["lr", "depth"])
   assert g["axes"]["lr"]["groups"] == 0 and math.isnan(g["psi"])
+
+
+def test_seed_run_name_separates_seeds_and_reuses_a_one_seed_run(tmp_path):
+  name = lambda seed, seeds: stats.seed_run_name("batch", seed, seeds, 0, tmp_path)  # noqa: E731
+  assert name(0, [0]) == "batch"                  # one run at the base seed
+  assert name(1, [1]) == "batch_s1"               # a process given only seed 1
+  assert [name(s, [0, 1]) for s in (0, 1)] == ["batch_s0", "batch_s1"]
+  (tmp_path / "batch").mkdir()                    # a one-seed experiment ran before:
+  assert [name(s, [0, 1]) for s in (0, 1)] == ["batch", "batch_s1"]   # reuse its run
+  (tmp_path / "batch_s0").mkdir()                 # ... unless seed 0 has its own folder
+  assert name(0, [0, 1]) == "batch_s0"
+  assert stats.seed_run_name("batch", 5, [5], 5, tmp_path) == "batch"

@@ -73,14 +73,15 @@ def run_compare(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for seed in seeds:
       tcfg = common.with_norm(c.train, norm, opts.to_dict() if opts is not None else {})
       tcfg.seed = seed
-      workdir = out / "runs" / (norm if len(seeds) == 1 else f"{norm}_s{seed}")
+      name = stats.seed_run_name(norm, seed, seeds, c.train.seed, out / "runs")
+      workdir = out / "runs" / name
       run = common.train_and_load(tcfg, workdir)
       rows.append({"norm": norm, "seed": seed, "workdir": str(workdir),
                    **_evaluate_cached(c, run), **eval_curve(workdir)})
       if c.dynamics and not rows[-1]["diverged"]:
         dcfg = dynamics_config()
         dcfg.workdir, dcfg.out_dir = str(workdir), str(workdir / "dynamics")
-        dcfg.title = norm if len(seeds) == 1 else f"{norm} seed {seed}"
+        dcfg.title = norm if len(seeds) == 1 and seed == c.train.seed else f"{norm} seed {seed}"
         try:
           run_dynamics(dcfg)
         except ValueError as e:   # e.g. probes disabled: the table is still valid

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from typing import Any, Callable, Hashable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -23,6 +24,22 @@ def seeds_field():
   a count n or a list of seeds. Typed `object` because a tuple-typed field would parse
   the command-line `seeds=3` as the one-seed list (3,)."""
   return placeholder(object)
+
+
+def seed_run_name(name: str, seed: int, seeds: Sequence[int], base_seed: int,
+                  runs_dir: pathlib.Path) -> str:
+  """The folder (under `runs_dir`) of the run `name` at `seed` in an experiment over
+  `seeds`: `<name>` when the experiment is one run at the base seed (the one-seed
+  layout), else `<name>_s<seed>`. So processes that split the seeds (`seeds=[1]`,
+  `seeds=[2]`, one `--out`) never share a folder, and adding seeds to a one-seed
+  experiment reuses its `<name>` run for the base seed instead of retraining it."""
+  if list(seeds) == [base_seed]:
+    return name
+  tagged = f"{name}_s{seed}"
+  if (seed == base_seed and not (runs_dir / tagged).exists()
+      and (runs_dir / name).exists()):
+    return name
+  return tagged
 
 
 def seed_list(seeds: Any, base_seed: int = 0) -> list[int]:

@@ -97,8 +97,9 @@ def run_sweep(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for series, depth, norm, k in _settings(c):
       key = (depth, norm, k)
       if key not in measured:
-        measured[key] = _measure_setting(c, data, depth, norm, k, out, seed,
-                                         suffix=f"_s{seed}" if len(seeds) > 1 else "")
+        name = stats.seed_run_name(f"L{depth}_{norm}_k{k}", seed, seeds, c.train.seed,
+                                   out / "runs")
+        measured[key] = _measure_setting(c, data, depth, norm, k, out / "runs" / name, seed)
       for m in measured[key]:
         seed_points.append({"series": series, "depth": depth, "norm": norm, "k": k,
                             "seed": seed, **m})
@@ -116,8 +117,9 @@ def run_sweep(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return summary
 
 
-def _measure_setting(c, data, depth: int, norm: str, k: int, out: pathlib.Path,
-                     seed: int, suffix: str = "") -> list[dict]:
+def _measure_setting(c, data, depth: int, norm: str, k: int, workdir: pathlib.Path,
+                     seed: int) -> list[dict]:
+  """The init (and, with `c.train_steps`, trained: run in `workdir`) measurements."""
   model_kwargs = {**c.model.to_dict(), "depth": depth, "norm": norm, "norm_layers": k}
   if norm != "none" and c.norm_options:
     model_kwargs["norm_options"] = c.norm_options.to_dict()
@@ -131,7 +133,7 @@ def _measure_setting(c, data, depth: int, norm: str, k: int, out: pathlib.Path,
     tcfg = common.with_model(c.train, c.model_name, model_kwargs)
     tcfg.num_train_steps = int(c.train_steps)
     tcfg.seed = seed
-    run = common.train_and_load(tcfg, out / "runs" / f"L{depth}_{norm}_k{k}{suffix}")
+    run = common.train_and_load(tcfg, workdir)
     results.append({"stage": "trained", "diverged": run.diverged,
                     **common.measure(run.model, run.variables, data.images,
                                      bn_mode=c.bn_mode, param=False)})
