@@ -185,13 +185,15 @@ def _correlate_cifar():
 def _correlate_cpu_small():
   """E5 at the size of a busy 2-core CPU: 42 small relu_nets and 5 cnns on the first
   2,000 CIFAR-10 training images, each trained to train cross-entropy 0.05 or 600 steps
-  (about 38 epochs at batch 128), so that the nets overfit and the gap is real. About
-  20-40 s per relu_net and a few minutes per cnn on one busy core."""
+  (about 38 epochs at batch 128; a cnn: 3000 steps, 190 epochs, since at 600 none
+  of them fitted), so that the nets overfit and the gap is real. About 20-40 s per
+  relu_net and up to 20 minutes per cnn on one busy core."""
   c = _correlate_cifar()
   c.out_dir = "runs/correlate_cpu_small"
   c.train.data.num_train = 2000
   c.train.log_every_steps = 50
   c.target_loss, c.max_steps, c.chunk_steps = 0.05, 600, 300
+  c.max_steps_per_model = {"cnn": 3000}
   c.num_examples, c.hessian_examples = 32, 256
   c.base.update(model="relu_net", depth=3, width=128, norm="none", k="all", lr=0.02,
                 wd=5e-4, batch=128)
