@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
@@ -173,8 +174,10 @@ def example_sizes(model: nn.Module, variables: Mapping, example_shape: Sequence[
 def check_finite_variables(variables: Mapping) -> None:
   """NonFiniteError naming the first leaf of `variables` that holds NaN or inf (a
   diverged net): a bound of such weights would be NaN, or a NumPy SVD failure."""
+  # NumPy, not jnp: an eager jnp op compiles once per leaf shape, and the bound reads the
+  # kernels into NumPy anyway.
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-    if not isinstance(leaf, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(leaf))):
+    if not isinstance(leaf, jax.core.Tracer) and not np.isfinite(np.asarray(leaf)).all():
       raise NonFiniteError(f"variables{jax.tree_util.keystr(path)} holds non-finite "
                            "values (NaN or inf): a diverged net has no bound")
 
